@@ -1,0 +1,48 @@
+"""Every ``MPIDP_*`` environment variable, read in one place with typed defaults.
+
+The README's "Configuration" table lists the same names; ``describe()`` prints them.
+"""
+import os
+
+# name -> (type, default, one-line meaning)
+VARIABLES = {
+    "MPIDP_CUDA_AWARE": (str, "auto", "0/1 forces CUDA-aware MPI off/on; auto asks MPIX_Query_cuda_support"),
+    "MPIDP_CHECK": (bool, True, "cross-rank mismatch check of every collective's shape/dtype/op/root"),
+    "MPIDP_FUSION_THRESHOLD": (int, 0, "gradient bucket size in bytes; 0 = calibrated default"),
+    "MPIDP_PIECE_BYTES": (int, 0, "large allreduces are pipelined in pieces of this many bytes; 0 = calibrated"),
+    "MPIDP_STALL_WARNING_S": (float, 60.0, "seconds a rank waits in a collective before it logs the missing ranks"),
+    "MPIDP_STALL_ABORT_S": (float, 0.0, "seconds before a stalled job aborts; 0 = never"),
+    "MPIDP_TIMELINE": (str, "", "path of a Chrome-trace timeline written at shutdown; empty = off"),
+    "MPIDP_AUTOTUNE": (bool, False, "measure bucket and piece size during the first steps"),
+    "MPIDP_AUTOTUNE_CACHE": (str, "~/.cache/mpidp/tune.json", "where tuned settings are cached"),
+    "MPIDP_ABORT_ON_EXCEPTION": (bool, True, "an uncaught exception on any rank aborts the whole job"),
+    "MPIDP_DEVICE": (str, "auto", "cpu, gpu or auto: the array module models and data use by default"),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def get(name):
+    """Return the typed value of ``name`` from the environment, or its default."""
+    kind, default, _ = VARIABLES[name]
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    raw = raw.strip()
+    try:
+        if kind is bool:
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a valid {kind.__name__}; "
+                         f"unset it or give a value like {default!r}") from None
+
+
+def describe():
+    """Lines 'NAME=value  (meaning)' for every variable, as a user would debug them."""
+    return [f"{n}={get(n)!r}  ({VARIABLES[n][2]})" for n in VARIABLES]
