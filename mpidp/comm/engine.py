@@ -1,0 +1,108 @@
+"""One ordered queue of collectives per process, run by a background thread.
+
+Every rank submits collectives in program order and the engine runs them in
+that order with blocking MPI calls, so nonblocking operations keep the same
+order on every rank and overlap with the caller's compute (mpi4py releases
+the GIL inside MPI). A blocking call made while the queue is empty runs
+directly in the caller's thread: no hand-off cost on the common path.
+"""
+import collections
+import threading
+
+from . import stall
+
+
+class Handle:
+    """A collective in flight: ``wait()`` returns its result (or raises its error) once."""
+
+    __slots__ = ("what", "seq", "_done", "_value", "_error", "_finish", "_finished", "_result")
+
+    def __init__(self, what, seq, finish=None):
+        self.what, self.seq = what, seq
+        self._done = threading.Event()
+        self._value = self._error = self._result = None
+        self._finish, self._finished = finish, False
+
+    def done(self):
+        """True when the communication has completed (wait() then returns at once)."""
+        return self._done.is_set()
+
+    def wait(self):
+        """Block until complete; run the caller-side finish (copy back, scaling); return the result."""
+        if not self._finished:
+            self._done.wait()  # the engine thread records the stall state while it runs us
+            self._finished = True
+            if self._error is not None:
+                raise self._error
+            self._result = self._value if self._finish is None else self._finish(self._value)
+            self._finish = self._value = None
+        elif self._error is not None:
+            raise self._error
+        return self._result
+
+    def _complete(self, fn):
+        try:
+            self._value = fn()
+        except BaseException as exc:  # delivered to the waiter, on every rank alike
+            self._error = exc
+        self._done.set()
+
+
+class Engine:
+    def __init__(self):
+        self._queue = collections.deque()
+        self._cv = threading.Condition()
+        self._busy = False
+        self._thread = None
+
+    def submit(self, fn, what, seq, finish=None):
+        """Queue ``fn`` (blocking MPI work) behind everything submitted before; return its Handle."""
+        handle = Handle(what, seq, finish)
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="mpidp-engine", daemon=True)
+                self._thread.start()
+            self._queue.append((handle, fn))
+            self._cv.notify()
+        return handle
+
+    def run(self, fn, what, seq, finish=None):
+        """Run ``fn`` now in this thread if nothing is queued, else behind the queue; return the result."""
+        with self._cv:
+            direct = not self._busy and not self._queue
+            if direct:
+                self._busy = True
+        if not direct:
+            return self.submit(fn, what, seq, finish).wait()
+        try:
+            stall.begin_wait(what, seq)
+            value = fn()
+        finally:
+            stall.end_wait()
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+        return value if finish is None else finish(value)
+
+    def drain(self):
+        """Wait until every queued collective has run."""
+        with self._cv:
+            while self._queue or self._busy:
+                self._cv.wait()
+
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self._queue or self._busy:
+                    self._cv.wait()
+                handle, fn = self._queue.popleft()
+                self._busy = True
+            stall.begin_wait(handle.what, handle.seq)
+            handle._complete(fn)
+            stall.end_wait()
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+
+engine = Engine()
