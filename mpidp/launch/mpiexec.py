@@ -89,7 +89,7 @@ def probe_mpi4py(python=None, timeout=30.0):
         raise LaunchError(f"{python} cannot load mpi4py.MPI ({last}); install mpi4py with an MPI, "
                           f"e.g. pip install 'mpidp[mpich]'")
     data = json.loads(out.stdout.strip().splitlines()[-1])
-    version = data["version"].splitlines()[0].strip() if data["version"] else ""
+    version = " ".join(data["version"].split("\n", 1)[0].split(", package")[0].split())
     return MPIInfo(classify(data["version"]), version, data["libdirs"],
                    data["config"].get("mpicc", ""), python)
 

@@ -1,0 +1,405 @@
+"""``mpidprun``: argument parsing, checks before launch, the job's lifetime and restarts."""
+import argparse
+import glob
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+from .._version import __version__
+from ..errors import LaunchError
+from . import hosts as _hosts
+from . import mpiexec as _mpiexec
+
+__all__ = ["main", "build_parser", "plan", "Plan", "latest_checkpoint_step", "with_resume"]
+
+PROG = "mpidprun"
+
+DESCRIPTION = """\
+Start a data-parallel mpidp job: N copies of PROGRAM over MPI.
+
+mpidprun finds the mpiexec of the MPI that mpi4py was built for (MPICH/Hydra
+or Open MPI), writes the host list in that MPI's own syntax, forwards the
+environment mpidp needs to every rank, and returns the job's exit code.
+Inside a Slurm allocation it starts the ranks with srun; inside a PBS job it
+reads $PBS_NODEFILE. Nothing is started when the arguments are wrong."""
+
+EPILOG = """\
+examples:
+  mpidprun -np 4 python scripts/train.py --epochs 2
+  mpidprun -H node1:4,node2:4 python scripts/train.py      8 ranks, 4 per host
+  mpidprun --hostfile hostfiles/localhost.hydra -np 4 python -m pytest tests/mpi
+  mpidprun -np 4 -x OMP_NUM_THREADS=1 -x PYTHONPATH python train.py
+  mpidprun -np 2 --mpi openmpi --dry-run python train.py   print the command only
+  mpidprun -np 8 --restarts 3 python scripts/train.py --checkpoint-dir ckpt
+                               on failure relaunch with --resume, up to 3 times
+  sbatch scripts/slurm/train.sbatch                        the same job under Slurm
+
+hosts:
+  -H and --hostfile read 'host:slots' (MPICH/Hydra), 'host slots=N' (Open MPI)
+  and bare 'host' lines (one slot each, as in $PBS_NODEFILE); '#' starts a
+  comment and a repeated host adds its slots. Without either, mpidprun uses
+  the Slurm allocation (SLURM_JOB_NODELIST, SLURM_TASKS_PER_NODE), then
+  $PBS_NODEFILE, then this machine alone.
+
+environment:
+  Every rank gets MPIDP_LAUNCHER=mpidprun, each MPIDP_* variable set here, and
+  the -x variables.
+
+exit status:
+  the job's exit code; 2 when the arguments are wrong (nothing was started);
+  124 when --timeout expired; 128+N when mpidprun was stopped by signal N."""
+
+GRACE_S = 3.0  # after SIGTERM, how long the job may clean up before SIGKILL
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message}; see '{PROG} --help'\n")
+
+
+def build_parser():
+    """The argparse parser of ``mpidprun``."""
+    p = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
+                usage=f"{PROG} [-np N] [-H HOSTS | --hostfile FILE] [options] PROGRAM [ARGS ...]",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-np", "-n", "--num-proc", dest="np", type=int, metavar="N",
+                   help="number of ranks (default: all slots of the hosts, or SLURM_NTASKS)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-H", "--hosts", dest="hosts", metavar="HOSTS",
+                       help="comma-separated hosts with slots, e.g. node1:4,node2:4")
+    where.add_argument("--hostfile", metavar="FILE",
+                       help="file of 'host:slots' or 'host slots=N' lines (see hostfiles/)")
+    p.add_argument("-x", dest="env", action="append", default=[], metavar="VAR[=VALUE]",
+                   help="forward VAR (its value here, or VALUE) to every rank; repeatable")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="allow more ranks than slots")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="kill the job and exit 124 after S seconds (restarts included)")
+    p.add_argument("--restarts", type=int, default=0, metavar="K",
+                   help="relaunch a failed job up to K times, adding --resume (default 0)")
+    p.add_argument("--mpi", choices=("auto",) + _mpiexec.LAUNCHERS, default="auto",
+                   help="launcher: auto (mpi4py's MPI; srun inside Slurm), mpich, openmpi or srun")
+    p.add_argument("--mpiexec", metavar="PATH", help="use this mpiexec instead of searching")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command that would run, shell-quoted, and exit 0")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="say which MPI, mpiexec and hosts were chosen, and the command")
+    p.add_argument("--version", action="version", version=f"%(prog)s (mpidp) {__version__}")
+    p.add_argument("program", nargs=argparse.REMAINDER, metavar="PROGRAM [ARGS ...]",
+                   help="the command every rank runs, e.g. python train.py")
+    return p
+
+
+class Plan(NamedTuple):
+    """Everything decided before launch."""
+    launcher: str          # 'mpich', 'openmpi' or 'srun'
+    mpiexec: str
+    np: int
+    hosts: list            # None: the launcher's default placement
+    host_source: str       # '-H', '--hostfile', 'slurm', 'pbs' or 'local'
+    env: dict              # forwarded to every rank
+    program: list
+    srun_pmi: str
+    oversubscribe: bool
+    notes: list            # what --verbose prints
+
+
+def _resolve_program(program):
+    name = program[0]
+    if os.sep in name:
+        if not os.path.exists(name):
+            raise LaunchError(f"program {name!r} does not exist")
+        if os.path.isdir(name) or not os.access(name, os.X_OK):
+            raise LaunchError(f"program {name!r} is not executable; chmod +x it or run it "
+                              f"through its interpreter, e.g. 'python {name}'")
+        return name
+    found = shutil.which(name)
+    if not found:
+        raise LaunchError(f"program {name!r} is not found on PATH")
+    return found
+
+
+def _forwarded_env(specs, environ):
+    env = {"MPIDP_LAUNCHER": PROG}
+    for key in sorted(environ):
+        if key.startswith("MPIDP_") and key != "MPIDP_LAUNCHER":
+            env[key] = environ[key]
+    for spec in specs:
+        key, eq, value = spec.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise LaunchError(f"-x {spec!r} is not VAR or VAR=VALUE")
+        if not eq:
+            if key not in environ:
+                raise LaunchError(f"-x {key}: {key} is not set here; give -x {key}=VALUE")
+            value = environ[key]
+        env[key] = value
+    return env
+
+
+def plan(args, environ=None):
+    """Check ``args`` and decide the launch; ``LaunchError`` (one sentence) when anything is wrong."""
+    environ = os.environ if environ is None else environ
+    notes = []
+    program = list(args.program)
+    if program[:1] == ["--"]:
+        program = program[1:]
+    if not program:
+        raise LaunchError("no program given; put the command after the options, "
+                          "e.g. 'mpidprun -np 4 python train.py'")
+    resolved = _resolve_program(program)
+    if args.np is not None and args.np < 1:
+        raise LaunchError(f"-np {args.np}: the number of ranks must be at least 1")
+    if args.restarts < 0:
+        raise LaunchError(f"--restarts {args.restarts}: must be 0 or more")
+    if args.timeout is not None and args.timeout <= 0:
+        raise LaunchError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
+
+    if args.hosts is not None:
+        source, hosts = "-H", _hosts.parse_host_list(args.hosts)
+    elif args.hostfile is not None:
+        source, hosts = "--hostfile", _hosts.read_hostfile(args.hostfile)
+    else:
+        source, hosts = _hosts.from_environment(environ)
+        source = source or "local"
+
+    launcher = args.mpi
+    info = None
+    if launcher == "auto" or not args.dry_run:
+        python = resolved if _mpiexec.is_python(program[0]) else None
+        info = _mpiexec.probe_mpi4py(python)
+        notes.append(f"mpi4py of {info.python} loads {info.version or 'an unknown MPI'}"
+                     + (f" from {info.libdirs[0]}" if info.libdirs else ""))
+    if launcher == "auto":
+        if source == "slurm" and shutil.which("srun", path=environ.get("PATH")):
+            launcher = "srun"
+        elif info.flavour:
+            launcher = info.flavour
+        else:
+            raise LaunchError(f"mpi4py's MPI library is neither MPICH nor Open MPI "
+                              f"({info.version!r}); pass --mpi mpich|openmpi|srun")
+    elif info is not None and info.flavour and launcher != "srun" and info.flavour != launcher:
+        notes.append(f"warning: mpi4py is built for {_mpiexec.NAMES[info.flavour]} but --mpi "
+                     f"{launcher} was given; the ranks may start as separate 1-rank jobs")
+
+    np = args.np
+    if np is None:
+        if hosts is not None:
+            np = _hosts.total_slots(hosts)
+        elif environ.get("SLURM_NTASKS", "").isdigit():
+            np = int(environ["SLURM_NTASKS"])
+        else:
+            raise LaunchError("the number of ranks is not known; give -np N, -H or --hostfile")
+    if hosts is not None and np > _hosts.total_slots(hosts) and not args.oversubscribe:
+        where = _hosts.format_host_list(hosts)
+        if len(where) > 60:
+            where = f"{len(hosts)} hosts"
+        raise LaunchError(f"{np} ranks but only {_hosts.total_slots(hosts)} slots on {where} "
+                          f"(from {source}); pass --oversubscribe or give more slots")
+
+    if launcher == "srun":
+        srun_hosts = None if source in ("slurm", "local") else hosts
+        if srun_hosts is not None:
+            raise LaunchError("srun takes its hosts from the Slurm allocation; drop -H/--hostfile "
+                              "or pass --mpi mpich|openmpi to use mpiexec with them")
+        hosts = None
+        exe = args.mpiexec or shutil.which("srun", path=environ.get("PATH")) or "srun"
+        srun_pmi = _mpiexec.SRUN_PMI.get(info.flavour if info else "", "")
+    else:
+        srun_pmi = ""
+        if args.dry_run and args.mpi != "auto" and not args.mpiexec:
+            try:
+                exe = _mpiexec.find_mpiexec(launcher, info)
+            except LaunchError:
+                exe = "mpiexec"  # a dry run only shows the command; the binary need not be here
+        else:
+            exe = _mpiexec.find_mpiexec(launcher, info, explicit=args.mpiexec)
+    notes.append(f"launcher {launcher}: {exe}")
+    notes.append(f"hosts from {source}: " + (_hosts.format_host_list(hosts) if hosts else
+                                             "this machine"))
+    return Plan(launcher, exe, np, hosts, source, _forwarded_env(args.env, environ), program,
+                srun_pmi, args.oversubscribe, notes)
+
+
+def _command(p, program, hostfile_path):
+    return _mpiexec.build_command(p.launcher, p.np, program, hosts=p.hosts, env=p.env,
+                                  oversubscribe=p.oversubscribe,
+                                  mpiexec=p.mpiexec, hostfile_path=hostfile_path,
+                                  srun_pmi=p.srun_pmi)
+
+
+def latest_checkpoint_step(program):
+    """Step of the newest ``ckpt-<step>.npz`` in the program's ``--checkpoint-dir``; None if none."""
+    directory = None
+    for i, arg in enumerate(program):
+        if arg == "--checkpoint-dir" and i + 1 < len(program):
+            directory = program[i + 1]
+        elif arg.startswith("--checkpoint-dir="):
+            directory = arg.split("=", 1)[1]
+    if not directory:
+        return None
+    steps = [int(m.group(1)) for path in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.npz"))
+             for m in [re.fullmatch(r"ckpt-(\d+)\.npz", os.path.basename(path))] if m]
+    return max(steps) if steps else None
+
+
+def with_resume(program):
+    """``program`` with ``--resume`` appended unless it is there already."""
+    if any(a == "--resume" or a.startswith("--resume=") for a in program[1:]):
+        return list(program)
+    return list(program) + ["--resume"]
+
+
+def _say(message):
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _display(command):
+    assigns = [f"{k}={shlex.quote(v)}" for k, v in command.env.items()]
+    return " ".join(assigns + [shlex.join(command.argv)])
+
+
+def _stat(pid):
+    """(ppid, start time) of ``pid`` from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[19]
+
+
+def _descendants(pid):
+    """[(pid, start time)] of every process below ``pid``. Hydra's proxies and ranks each call
+    setsid, so killing the job's process group alone would leave them running."""
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        st = _stat(entry) if entry.isdigit() else None
+        if st:
+            children.setdefault(st[0], []).append((int(entry), st[1]))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child[0])
+    return out
+
+
+def _alive(members):
+    """The members of ``members`` that still run (same pid and start time: not a reused pid)."""
+    return [(pid, start) for pid, start in members if (_stat(pid) or (0, None))[1] == start]
+
+
+def _signal_group(pgid, signum):
+    try:
+        os.killpg(pgid, signum)
+    except OSError:
+        pass
+
+
+def _stop(proc, signum, grace):
+    """Stop the job: ``signum`` to its process group (mpiexec/srun pass it on to the ranks), then
+    after ``grace`` seconds SIGKILL to the group and to every process that was below it."""
+    members = _descendants(proc.pid)
+    _signal_group(proc.pid, signum)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        members += _descendants(proc.pid)
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+    end = time.monotonic() + 1.0
+    while _alive(members) and time.monotonic() < end:
+        time.sleep(0.05)
+    for pid, _ in _alive(members):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def run_bounded(argv, env=None, deadline=None, grace=GRACE_S):
+    """Run ``argv`` in its own session until it exits, ``deadline`` (time.monotonic) passes, or
+    mpidprun gets SIGINT/SIGTERM/SIGHUP. Returns (exit code, why): why is 'exit', 'timeout' or
+    'signal'; a child killed by signal N gives 128+N, as a shell reports it."""
+    received = []
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in handled}
+    try:
+        while True:
+            step = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
+            try:
+                code = proc.wait(timeout=step)
+                return (128 - code if code < 0 else code), "exit"
+            except subprocess.TimeoutExpired:
+                pass
+            if received:
+                _stop(proc, received[0], grace)
+                return 128 + received[0], "signal"
+            if deadline is not None and time.monotonic() >= deadline:
+                _stop(proc, signal.SIGTERM, grace)
+                return 124, "timeout"
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run(p, timeout=None, restarts=0, verbose=False):
+    """Run the planned job (with restarts) and return its exit code."""
+    deadline = time.monotonic() + timeout if timeout else None
+    program = p.program
+    tmpdir = tempfile.mkdtemp(prefix="mpidprun-")
+    try:
+        for attempt in range(restarts + 1):
+            if attempt:
+                step = latest_checkpoint_step(program)
+                _say(f"job failed (exit code {code}); restart {attempt}/{restarts} from "
+                     + ("the start" if step is None else f"step {step}"))
+                program = with_resume(program)
+            command = _command(p, program, os.path.join(tmpdir, "hostfile"))
+            if command.hostfile:
+                with open(command.hostfile[0], "w") as f:
+                    f.write(command.hostfile[1])
+            if verbose:
+                _say(f"command: {_display(command)}")
+            code, why = run_bounded(command.argv, env=dict(os.environ, **command.env),
+                                    deadline=deadline, grace=GRACE_S)
+            if why == "timeout":
+                _say(f"error: job timed out after {timeout:g} s; killed it and all its ranks")
+                return 124
+            if why == "signal":
+                _say(f"stopped by signal {code - 128}; the job was killed, no restart")
+                return code
+            if code == 0:
+                return 0
+        return code
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def main(argv=None):
+    """Entry point of ``mpidprun``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        p = plan(args)
+    except LaunchError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    for note in p.notes:
+        if args.verbose or note.startswith("warning:"):
+            _say(note)
+    if args.dry_run:
+        with tempfile.TemporaryDirectory(prefix="mpidprun-") as tmpdir:
+            command = _command(p, p.program, os.path.join(tmpdir, "hostfile"))
+            print(_display(command), flush=True)
+            if command.hostfile:
+                _say(f"{command.hostfile[0]} would hold:\n{command.hostfile[1]}".rstrip())
+        return 0
+    return run(p, timeout=args.timeout, restarts=args.restarts, verbose=args.verbose)
