@@ -62,7 +62,10 @@ def shutdown():
 def _exit_without_shutdown():
     """At exit without shutdown(): wait for the peers to exit too, or abort so none hangs."""
     comm = _state.comm
-    if comm is None or comm.Get_size() == 1 or MPI.Is_finalized():
+    if comm is None or MPI.Is_finalized():
+        return
+    stall.stop()
+    if comm.Get_size() == 1:
         return
     request = comm.Ibarrier()
     deadline = time.monotonic() + _env.get("MPIDP_EXIT_TIMEOUT_S")
