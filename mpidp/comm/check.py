@@ -15,7 +15,7 @@ def fingerprint(signature):
     return int.from_bytes(digest, "little") & _MASK
 
 
-def agree(comm, collective, name, signature):
+def agree(comm, collective, name, signature, advice=None):
     """Raise MismatchError on every rank unless all ranks pass an equal ``signature``.
 
     ``signature`` is a tuple of (field, value) pairs in a fixed order.
@@ -26,10 +26,10 @@ def agree(comm, collective, name, signature):
     if both[0] == h and -both[1] == h:
         return
     rows = comm.allgather((name, signature))  # the rare path: gather what each rank passed
-    raise mismatch_error(collective, rows, comm)
+    raise mismatch_error(collective, rows, comm, advice)
 
 
-def mismatch_error(collective, rows, comm):
+def mismatch_error(collective, rows, comm, advice=None):
     """MismatchError naming the first field that differs and which ranks have which value."""
     ranks = _world_ranks(comm)
     names = {ranks[r]: row[0] for r, row in enumerate(rows)}
@@ -43,9 +43,10 @@ def mismatch_error(collective, rows, comm):
         field, values = "name", names
     tensor = names[ranks[0]]
     label = tensor if len(set(names.values())) == 1 else describe_ranks(names)
+    advice = advice or (f"every rank must call the same collectives in the same order "
+                        f"with the same {field}")
     return MismatchError(
-        f"mismatched {collective} of tensor {label!r}: {field} differs ({describe_ranks(values)}); "
-        f"every rank must call the same collectives in the same order with the same {field}",
+        f"mismatched {collective} of tensor {label!r}: {field} differs ({describe_ranks(values)}); {advice}",
         tensor=tensor, field=field, ranks=values)
 
 

@@ -8,6 +8,7 @@ directly in the caller's thread: no hand-off cost on the common path.
 """
 import collections
 import threading
+import time
 
 from . import stall
 
@@ -15,13 +16,15 @@ from . import stall
 class Handle:
     """A collective in flight: ``wait()`` returns its result (or raises its error) once."""
 
-    __slots__ = ("what", "seq", "_done", "_value", "_error", "_finish", "_finished", "_result")
+    __slots__ = ("what", "seq", "_done", "_value", "_error", "_finish", "_finished", "_result",
+                 "t_start", "t_end")
 
     def __init__(self, what, seq, finish=None):
         self.what, self.seq = what, seq
         self._done = threading.Event()
         self._value = self._error = self._result = None
         self._finish, self._finished = finish, False
+        self.t_start = self.t_end = 0.0
 
     def done(self):
         """True when the communication has completed (wait() then returns at once)."""
@@ -40,11 +43,17 @@ class Handle:
             raise self._error
         return self._result
 
+    def seconds(self):
+        """How long the engine spent running this collective."""
+        return self.t_end - self.t_start
+
     def _complete(self, fn):
+        self.t_start = time.perf_counter()
         try:
             self._value = fn()
         except BaseException as exc:  # delivered to the waiter, on every rank alike
             self._error = exc
+        self.t_end = time.perf_counter()
         self._done.set()
 
 

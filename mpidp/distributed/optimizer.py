@@ -1,0 +1,201 @@
+"""DistributedOptimizer: averages gradients in fused buckets that start while backward runs.
+
+It holds the user's optimizer (composition). Gradients live in flat bucket
+buffers (each ``p.grad`` is a view), a bucket's nonblocking allreduce starts
+from the parameters' gradient-ready hooks as soon as its last gradient is
+complete, and ``step()`` waits only for what is still in flight.
+"""
+import contextlib
+import time
+
+from .. import _env
+from ..comm import check, collectives, ops, process_set as _ps, runtime
+from ..fusion import Bucket, Compression, plan_buckets, signature
+from .. import timeline
+
+# Calibrated on the development machine with scripts/bench_gradsync.py: see the README.
+DEFAULT_FUSION_THRESHOLD = 4 << 20
+FIRST_BUCKET_BYTES = 1 << 20
+
+
+def fusion_threshold():
+    """Bytes per bucket: MPIDP_FUSION_THRESHOLD, else the calibrated default."""
+    return _env.get("MPIDP_FUSION_THRESHOLD") or DEFAULT_FUSION_THRESHOLD
+
+
+class DistributedOptimizer:
+    """Wrap ``optimizer`` so that ``step()`` applies gradients averaged over all ranks.
+
+    ``named_parameters`` (or ``model``) gives the names used in errors; without
+    them, parameters are named by their position in the optimizer.
+    """
+
+    def __init__(self, optimizer, model=None, named_parameters=None, compression=Compression.none,
+                 backward_passes_per_step=1, op=ops.Average, gradient_predivide_factor=1.0,
+                 fusion_threshold_bytes=None, process_set=None, overlap=True):
+        self.optimizer = optimizer
+        self.op = ops.as_op(op)
+        if self.op not in (ops.Average, ops.Sum):
+            raise ValueError(f"DistributedOptimizer op must be mpidp.Average or mpidp.Sum, not {self.op}")
+        if int(backward_passes_per_step) < 1:
+            raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+        if compression is None:
+            raise ValueError("compression is None: ml_dtypes is missing for bf16; use Compression.fp16 or none")
+        self.compression = compression
+        self.backward_passes_per_step = int(backward_passes_per_step)
+        self.process_set, self._comm = _ps.resolve(process_set)
+        self._set_arg = process_set
+        self._size = self._comm.Get_size()
+        self.threshold = int(fusion_threshold_bytes or fusion_threshold())
+        names, params = self._collect(optimizer, model, named_parameters)
+        self._names, self._params = names, params
+        plan = plan_buckets(params, self.threshold, min(FIRST_BUCKET_BYTES, self.threshold))
+        self._signature = signature(names, params, plan)
+        self.buckets = [Bucket(b, [params[i] for i in idx], [names[i] for i in idx], compression)
+                        for b, idx in enumerate(plan)]
+        self._bucket_of = {id(p): bkt for bkt in self.buckets for p in bkt.params}
+        self._verified = False
+        self._next_fire = 0       # buckets start strictly in index order on every rank
+        self._passes = 0
+        self._sync_off = False
+        self._synchronized = False
+        self._hooks = [p.register_hook(self._grad_ready) for p in params] if overlap else []
+        f = float(gradient_predivide_factor)
+        if self.op is ops.Average:
+            self._pre, self._post = 1.0 / f, f / self._size
+        else:
+            self._pre, self._post = 1.0, 1.0
+        self.stats = {"steps": 0, "comm_s": 0.0, "wait_s": 0.0, "bytes": 0}
+
+    @staticmethod
+    def _collect(optimizer, model, named_parameters):
+        """(names, params): the optimizer's trainable parameters in the model's registration order."""
+        owned = [p for group in optimizer.param_groups for p in group["params"]]
+        if model is not None:
+            named = list(model.named_parameters())
+        elif named_parameters is not None:
+            named = list(named_parameters)
+        else:
+            named = [(f"param.{i}", p) for i, p in enumerate(owned)]
+        wanted = {id(p) for p in owned}
+        named = [(n, p) for n, p in named if id(p) in wanted and p.requires_grad]
+        found = {id(p) for _, p in named}
+        for i, p in enumerate(owned):
+            if id(p) not in found and p.requires_grad:
+                raise ValueError(f"optimizer parameter #{i} {getattr(p, 'name', '')!r} {p.shape} is not among "
+                                 f"the named parameters given; pass the model that owns it")
+        if not named:
+            raise ValueError("DistributedOptimizer got no trainable parameters")
+        return [n for n, _ in named], [p for _, p in named]
+
+    # -- the hot path -----------------------------------------------------------------------------
+    def _grad_ready(self, param):
+        bucket = self._bucket_of[id(param)]
+        bucket.ready += 1
+        if self._sync_off or bucket.ready < len(bucket.params) * self.backward_passes_per_step:
+            return
+        self._fire_ready()
+
+    def _fire_ready(self):
+        """Start every bucket that is complete, in index order (a later one waits for its turn)."""
+        while self._next_fire < len(self.buckets):
+            bucket = self.buckets[self._next_fire]
+            if bucket.ready < len(bucket.params) * self.backward_passes_per_step:
+                return
+            self._fire(bucket)
+
+    def _fire(self, bucket):
+        if not self._verified:
+            self._verify()
+        pre, post = self._pre, self._post
+        if bucket.wire is not bucket.flat:  # compressed: scale before narrowing so sums stay in range
+            bucket.wire[...] = bucket.flat * (pre * post if self.op is ops.Average else pre)
+            pre, post = 1.0, 1.0
+        bucket.handle = collectives.allreduce_async_(
+            bucket.wire, op=ops.Sum, name=bucket.name, prescale_factor=pre, postscale_factor=post,
+            process_set=self._set_arg)
+        self.stats["bytes"] += bucket.nbytes
+        self._next_fire = bucket.index + 1
+
+    def _verify(self):
+        """First step: every rank must have built the same buckets from the same parameters."""
+        check.agree(self._comm, "DistributedOptimizer", "gradients", self._signature,
+                    "(shape, dtype, bucket) must match: build the same model on every rank")
+        self._verified = True
+
+    def synchronize(self):
+        """Average the gradients now (start what has not started, wait for everything)."""
+        if self._synchronized:
+            return
+        for bucket in self.buckets:
+            if bucket.handle is None:  # unused parameters or no hooks: their grads are as they are
+                bucket.ready = len(bucket.params) * self.backward_passes_per_step
+        self._fire_ready()
+        t0 = time.perf_counter()
+        with timeline.span("wait gradients", "wait"):
+            for bucket in self.buckets:
+                bucket.handle.wait()
+                if bucket.wire is not bucket.flat:
+                    bucket.flat[...] = bucket.wire
+                    if self.op is ops.Sum and self._post != 1.0:
+                        bucket.flat *= self._post
+        self.stats["wait_s"] += time.perf_counter() - t0
+        self.stats["comm_s"] += sum(b.handle.seconds() for b in self.buckets)
+        for bucket in self.buckets:
+            bucket.handle, bucket.ready = None, 0
+        self._next_fire = 0
+        self._synchronized = True
+
+    def step(self):
+        """Average the gradients (unless ``synchronize()`` already did) and update the parameters."""
+        self._passes = 0
+        self.synchronize()
+        with timeline.span("optimizer step", "optim"):
+            self.optimizer.step()
+        self._synchronized = False
+        self.stats["steps"] += 1
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally: no bucket starts inside (the next step communicates)."""
+        self._sync_off = True
+        try:
+            yield
+        finally:
+            self._sync_off = False
+
+    def zero_grad(self):
+        """Zero every gradient (whole bucket buffers at once)."""
+        for bucket in self.buckets:
+            bucket.rebind()
+            bucket.flat.fill(0)
+
+    # -- pass-through of the wrapped optimizer ---------------------------------------------------
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict)
+
+    def hidden_fraction(self):
+        """Share of communication time that overlapped backward (1 - waited / communicated)."""
+        comm = self.stats["comm_s"]
+        return max(0.0, 1.0 - self.stats["wait_s"] / comm) if comm > 0 else 0.0
+
+    def close(self):
+        """Remove the gradient hooks (the optimizer can then be dropped)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __repr__(self):
+        return (f"DistributedOptimizer({type(self.optimizer).__name__}, {len(self._params)} parameters in "
+                f"{len(self.buckets)} buckets of <= {self.threshold} B, compression={self.compression})")

@@ -1,0 +1,86 @@
+"""Keep replicas identical: broadcast parameters and optimizer state, verify bit-identity."""
+import hashlib
+
+import numpy
+
+from ..backend.xp import asnumpy
+from ..comm import check, collectives, objects, process_set as _ps
+from ..errors import MismatchError, describe_ranks
+
+
+def _named_arrays(model_or_params):
+    """(name, array) pairs: a Module's parameters and buffers, a state dict, or Parameters."""
+    if hasattr(model_or_params, "named_parameters"):
+        named = [(n, p.data) for n, p in model_or_params.named_parameters()]
+        if hasattr(model_or_params, "named_buffers"):
+            named += list(model_or_params.named_buffers())
+        return named
+    if isinstance(model_or_params, dict):
+        return list(model_or_params.items())
+    out = []
+    for i, item in enumerate(model_or_params):
+        name, p = item if isinstance(item, tuple) else (getattr(item, "name", None) or f"param.{i}", item)
+        out.append((name, getattr(p, "data", p)))
+    return out
+
+
+def broadcast_parameters(model_or_params, root_rank=0, process_set=None):
+    """Overwrite every rank's parameters (and buffers) with ``root_rank``'s, in place."""
+    for name, array in _named_arrays(model_or_params):
+        if not hasattr(array, "shape"):
+            raise TypeError(f"broadcast_parameters: {name!r} is a {type(array).__name__}, not an array")
+        if array.ndim == 0 and not array.flags.writeable:
+            raise ValueError(f"broadcast_parameters: {name!r} is read-only; make it a writeable array")
+        collectives.broadcast_(array, root_rank, name=name, process_set=process_set)
+
+
+def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None):
+    """Make every rank's optimizer state (moments included, even if not created yet) root's."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.init_state()  # lazily created state must exist everywhere before it is broadcast
+    groups = objects.broadcast_object(
+        [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups],
+        root_rank, name="optimizer.param_groups", process_set=process_set)
+    if len(groups) != len(inner.param_groups):
+        raise MismatchError(f"broadcast_optimizer_state: rank {root_rank} has {len(groups)} parameter "
+                            f"groups, this rank {len(inner.param_groups)}; build the same optimizer everywhere",
+                            tensor="optimizer.param_groups", field="groups")
+    for group, hyper in zip(inner.param_groups, groups):
+        group.update(hyper)
+    for i, p in enumerate(p for g in inner.param_groups for p in g["params"]):
+        for key, value in sorted(inner.state.get(p, {}).items()):
+            name = f"optimizer.state[{i}].{key}"
+            if hasattr(value, "shape") and value.ndim > 0:
+                collectives.broadcast_(value, root_rank, name=name, process_set=process_set)
+            else:
+                inner.state[p][key] = objects.broadcast_object(value, root_rank, name=name,
+                                                               process_set=process_set)
+
+
+def _digest(array):
+    host = numpy.ascontiguousarray(asnumpy(array))
+    return int.from_bytes(hashlib.blake2b(host.tobytes(), digest_size=8).digest(), "little") & ((1 << 62) - 1)
+
+
+def check_replicas(model_or_params, process_set=None):
+    """Raise MismatchError on every rank unless all ranks hold bit-identical parameters and buffers.
+
+    Returns the number of arrays compared. One small allgather; details only on a difference.
+    """
+    named = _named_arrays(model_or_params)
+    digests = numpy.array([_digest(a) for _, a in named], dtype=numpy.int64)
+    table = collectives.allgather(digests[None, :] if digests.size else numpy.zeros((1, 0), numpy.int64),
+                                  name="check_replicas", process_set=process_set)
+    _, comm = _ps.resolve(process_set)
+    ranks = check._world_ranks(comm)
+    differing = numpy.nonzero((table != table[0]).any(axis=0))[0]
+    if differing.size:
+        i = int(differing[0])
+        groups = {ranks[r]: f"digest {int(table[r, i]):x}" for r in range(table.shape[0])}
+        names = [named[j][0] for j in differing[:5]]
+        raise MismatchError(
+            f"replicas differ in {differing.size} of {len(named)} arrays, first {named[i][0]!r} "
+            f"({describe_ranks(groups)}); differing: {names}{'...' if differing.size > 5 else ''}; "
+            f"broadcast_parameters() from one rank and make every rank apply the same updates",
+            tensor=named[i][0], field="value", ranks=groups)
+    return len(named)

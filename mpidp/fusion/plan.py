@@ -1,0 +1,36 @@
+"""Which gradients share a bucket: fixed at build time, reverse registration order."""
+import numpy
+
+
+def plan_buckets(params, threshold_bytes, first_bucket_bytes=None):
+    """Lists of indices into ``params`` (reverse order, one dtype per bucket, ~threshold bytes each).
+
+    Backward produces the last layers' gradients first, so the first bucket fills
+    (and starts its allreduce) first. The first bucket is kept small, as in DDP,
+    so communication starts early.
+    """
+    first = threshold_bytes if first_bucket_bytes is None else min(first_bucket_bytes, threshold_bytes)
+    buckets, current, current_bytes, current_dtype = [], [], 0, None
+    for index in reversed(range(len(params))):
+        p = params[index]
+        limit = first if not buckets else threshold_bytes
+        dtype = numpy.dtype(p.dtype)
+        if current and (current_dtype != dtype or current_bytes + p.nbytes > limit):
+            buckets.append(current)
+            current, current_bytes = [], 0
+        current.append(index)
+        current_bytes += p.nbytes
+        current_dtype = dtype
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def signature(names, params, buckets):
+    """(field, value) pairs every rank must agree on: each parameter's name, shape, dtype, bucket."""
+    rows = []
+    for b, indices in enumerate(buckets):
+        for i in indices:
+            rows.append((f"parameter {names[i]!r}", (tuple(params[i].shape), str(params[i].dtype), b)))
+    rows.append(("parameter count", len(params)))
+    return tuple(rows)
