@@ -1,10 +1,13 @@
 """Data sets the loader reads: in-memory and memory-mapped arrays, bundled digits and text, synthetic data, user .npz.
 
-A data set is anything with ``len()`` and ``take(indices) -> (x, y)``. Malformed
-input is a ``ValueError`` naming the file and what is wrong with it.
+The loaders return ``XY(x, y)``, a named pair of arrays (``x, y = load_digits()``
+works); the loader takes such a pair or any data set with ``len()`` and
+``take(indices) -> (x, y)``. Malformed input is a ``ValueError`` naming the
+file and what is wrong with it.
 """
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy
 
@@ -36,6 +39,12 @@ def _check_arrays(x, y, source):
         raise ValueError(f"{source}: 'y' has negative labels (min {int(y.min())}); labels are class indices >= 0")
 
 
+class XY(NamedTuple):
+    """A data set as two arrays: ``x`` (N, features...) and ``y`` (N, ...) class indices."""
+    x: Any
+    y: Any
+
+
 class ArrayDataset:
     """Samples ``x[i], y[i]`` of two arrays (or memory maps) with the same first dimension."""
 
@@ -48,7 +57,8 @@ class ArrayDataset:
 
     def take(self, indices):
         """(x, y) of the given sample indices, as new host arrays."""
-        return numpy.take(self.x, indices, axis=0), numpy.take(self.y, indices, axis=0)
+        x, y = numpy.take(self.x, indices, axis=0), numpy.take(self.y, indices, axis=0)
+        return numpy.asarray(x), numpy.asarray(y)  # plain arrays even when read from a memmap
 
     @property
     def sample_shape(self):
@@ -112,7 +122,7 @@ def _open_npy(path):
 
 
 def load_npz(path):
-    """The user's data set from an ``.npz`` holding arrays ``x`` (N, features...) and ``y`` (N,) of class indices."""
+    """XY(x, y) from the user's ``.npz`` holding ``x`` (N, features...) and ``y`` (N,) of class indices."""
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -142,7 +152,7 @@ def load_npz(path):
         bad = int(x.size - numpy.count_nonzero(numpy.isfinite(x)))
         if bad:
             raise ValueError(f"{path}: 'x' has {bad} NaN or infinite values; clean the data first")
-    return ArrayDataset(x, y, source=path)
+    return XY(x, y)
 
 
 def _stratified_split(y, test_fraction, seed):
@@ -159,7 +169,7 @@ def _stratified_split(y, test_fraction, seed):
 
 
 def load_digits(split="train", test_fraction=0.2, seed=0, normalize=True, as_images=False):
-    """The bundled 8x8 digits (1797 samples, 10 classes): x float32 (N, 64) or (N, 1, 8, 8), y int64 (N,).
+    """XY of the bundled 8x8 digits (1797 samples, 10 classes): x float32 (N, 64) or (N, 1, 8, 8), y int64 (N,).
 
     The split is stratified and depends only on ``seed`` and ``test_fraction``,
     so every rank (and every run) sees the same train and test sets.
@@ -177,17 +187,17 @@ def load_digits(split="train", test_fraction=0.2, seed=0, normalize=True, as_ima
     x = x.astype(numpy.float32) / numpy.float32(16.0) if normalize else x.astype(numpy.float32)
     if as_images:
         x = x.reshape(len(x), 1, 8, 8)
-    return ArrayDataset(x, y.astype(numpy.int64), source=f"digits[{split}]")
+    return XY(x, y.astype(numpy.int64))
 
 
 def synthetic(n, shape=(64,), num_classes=10, seed=0, dtype="float32"):
-    """``n`` learnable samples for benchmarks: class centres plus noise, x (n, *shape), y int64 (n,)."""
+    """XY of ``n`` learnable samples for benchmarks: class centres plus noise, x (n, *shape), y int64 (n,)."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     rng = numpy.random.default_rng(seed)
     centres = rng.standard_normal((num_classes,) + shape).astype(dtype)
     y = rng.integers(0, num_classes, size=n, dtype=numpy.int64)
     x = centres[y] + rng.standard_normal((n,) + shape).astype(dtype)
-    return ArrayDataset(x.astype(dtype, copy=False), y, source=f"synthetic(n={n}, seed={seed})")
+    return XY(x.astype(dtype, copy=False), y)
 
 
 def load_text(path=None, vocab=None):
@@ -212,7 +222,7 @@ def load_text(path=None, vocab=None):
 
 
 def text_windows(tokens, seq_len, stride=None):
-    """Next-token pairs from a token stream: x and y int64 (N, seq_len), y shifted by one."""
+    """XY of next-token windows of a token stream: x and y int64 (N, seq_len), y shifted by one."""
     tokens = numpy.asarray(tokens, dtype=numpy.int64)
     stride = seq_len if stride is None else int(stride)
     if seq_len < 1 or stride < 1:
@@ -222,4 +232,4 @@ def text_windows(tokens, seq_len, stride=None):
     starts = numpy.arange(0, len(tokens) - seq_len, stride)
     offsets = numpy.arange(seq_len)
     x = tokens[starts[:, None] + offsets]
-    return ArrayDataset(x, tokens[starts[:, None] + offsets + 1], source=f"text windows of {seq_len}")
+    return XY(x, tokens[starts[:, None] + offsets + 1])

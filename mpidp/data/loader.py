@@ -28,7 +28,7 @@ class Loader:
 
     def __init__(self, dataset, sampler=None, batch_size=32, drop_last=False, prefetch=1, device=None,
                  transform=None):
-        if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
+        if isinstance(dataset, (tuple, list)) and len(dataset) == 2:  # XY(x, y) or (x, y)
             dataset = ArrayDataset(*dataset)
         if not hasattr(dataset, "take") or not hasattr(dataset, "__len__"):
             raise TypeError(f"loader needs a data set with len() and take(indices) (e.g. "
@@ -46,6 +46,7 @@ class Loader:
         self.batch_size, self.drop_last, self.prefetch = int(batch_size), bool(drop_last), int(prefetch)
         self.xp = numpy if device is None else resolve_module(device)
         self.transform = transform
+        self._pass = None
 
     def __len__(self):
         """Batches left in the current epoch (all of them when it has not started or is finished)."""
@@ -58,75 +59,103 @@ class Loader:
         stop = len(pending) - len(pending) % self.batch_size if self.drop_last else len(pending)
         return [pending[i:i + self.batch_size] for i in range(0, stop, self.batch_size)], len(pending) - stop
 
-    def _fetch(self, indices, device, stream):
+    def __iter__(self):
+        batches, dropped = self._batches()
+        fetch = _Fetch(self.dataset, self.transform, self.xp)
+        if self.prefetch == 0 or len(batches) <= 1:
+            source = (fetch(b) for b in batches)
+        else:
+            source = _prefetched(fetch, batches, self.prefetch)
+        return _hand_out(self.sampler, batches, dropped, source)
+
+    def __next__(self):
+        """``next(loader)`` walks one default pass, like ``next(iter(loader))`` kept open."""
+        if self._pass is None:
+            self._pass = iter(self)
+        return next(self._pass)
+
+
+class _Fetch:
+    """Reads one batch (and copies it to the device); holds no reference to the Loader or its pass.
+
+    The prefetch thread only sees this, so a pass that is dropped unfinished
+    is garbage-collected, which closes it and stops the thread.
+    """
+
+    def __init__(self, dataset, transform, xp):
+        self.dataset, self.transform, self.xp = dataset, transform, xp
+        if xp is not numpy:  # CuPy's current device is per thread: the prefetch thread uses the caller's
+            self.device = xp.cuda.Device()
+            with self.device:
+                self.stream = xp.cuda.Stream(non_blocking=True)
+
+    def __call__(self, indices):
         with timeline.span("load_batch", "io", samples=len(indices)):
             x, y = self.dataset.take(indices)
             if self.transform is not None:
                 x, y = self.transform(x, y)
         if self.xp is numpy:
             return x, y
-        with timeline.span("h2d_batch", "copy", bytes=int(x.nbytes + y.nbytes)), device, stream:
+        with timeline.span("h2d_batch", "copy", bytes=int(x.nbytes + y.nbytes)), self.device, self.stream:
             x, y = self.xp.asarray(x), self.xp.asarray(y)
-            stream.synchronize()  # the consumer's stream may use them at once
+            self.stream.synchronize()  # the consumer's stream may use them at once
         return x, y
 
-    def __iter__(self):
-        batches, dropped = self._batches()
-        if self.xp is numpy:
-            device = stream = None
-        else:  # CuPy's current device is per thread: the prefetch thread uses the caller's
-            device = self.xp.cuda.Device()
-            with device:
-                stream = self.xp.cuda.Stream(non_blocking=True)
-        if self.prefetch == 0 or len(batches) <= 1:
-            source = (self._fetch(b, device, stream) for b in batches)
-        else:
-            source = self._prefetched(batches, device, stream)
-        try:
-            for indices in batches:
-                x, y = next(source)
-                self.sampler.advance(len(indices))
-                yield x, y
-        finally:
-            source.close()  # stops the prefetch thread when the caller leaves the loop early
-        self.sampler.advance(dropped)
 
-    def _prefetched(self, batches, device, stream):
-        q = queue.Queue(maxsize=self.prefetch)
-        stopped = threading.Event()
+def _hand_out(sampler, batches, dropped, source):
+    """Yield the batches, moving the sampler's position as each one is handed out.
 
-        def put(item):
-            while not stopped.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    pass
-            return False
+    A module function, not a Loader method: a pass kept in ``Loader._pass``
+    must not point back at the Loader, so dropping the Loader frees the pass
+    at once (closing it stops its prefetch thread).
+    """
+    try:
+        for indices in batches:
+            x, y = next(source)
+            sampler.advance(len(indices))
+            yield x, y
+    finally:
+        source.close()  # stops the prefetch thread when the caller leaves the loop early
+    sampler.advance(dropped)
 
-        def produce():
+
+def _prefetched(fetch, batches, depth):
+    """Yield ``fetch(b)`` for each batch, read ``depth`` ahead by a daemon thread."""
+    q = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+
+    def put(item):
+        while not stopped.is_set():
             try:
-                for b in batches:
-                    if not put(self._fetch(b, device, stream)):
-                        return
-                put(_END)
-            except BaseException as exc:  # handed to the consumer, which raises it in the training thread
-                put(_Failure(exc))
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
 
-        thread = threading.Thread(target=produce, name="mpidp-loader", daemon=True)
-        thread.start()
+    def produce():
         try:
-            while True:
-                with timeline.span("wait_batch", "wait"):
-                    item = q.get()
-                if item is _END:
+            for b in batches:
+                if not put(fetch(b)):
                     return
-                if isinstance(item, _Failure):
-                    raise item.exc
-                yield item
-        finally:
-            stopped.set()
-            thread.join()
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it in the training thread
+            put(_Failure(exc))
+
+    thread = threading.Thread(target=produce, name="mpidp-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with timeline.span("wait_batch", "wait"):
+                item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stopped.set()
+        thread.join()
 
 
 def loader(dataset, sampler=None, batch_size=32, drop_last=False, prefetch=1, device=None, transform=None):
