@@ -64,32 +64,67 @@ def _windows(x, kh, kw, stride):
         x, (n, oh, ow, c, kh, kw), (sn, sh * stride, sw * stride, sc, sh, sw))
 
 
+def _pad_nhwc(x, padding):
+    """x (N, C, H, W) as a padded array laid out (N, H, W, C) in memory (one copy)."""
+    xp = get_array_module(x)
+    xn = x.transpose(0, 2, 3, 1)
+    if padding:
+        return xp.pad(xn, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    return xp.ascontiguousarray(xn)
+
+
 def im2col(x, kh, kw, stride=1, padding=0):
-    """x (N, C, H, W) -> columns (N*OH*OW, C*KH*KW) and (OH, OW)."""
-    win = _windows(_pad2d(x, padding), kh, kw, stride)
-    n, oh, ow = win.shape[:3]
-    return win.reshape(n * oh * ow, -1), (oh, ow)
+    """x (N, C, H, W) -> columns (N*OH*OW, KH*KW*C), ordered (kh, kw, c) so copies run over C; and (OH, OW)."""
+    xp = get_array_module(x)
+    xn = _pad_nhwc(x, padding)
+    n, hp, wp, c = xn.shape
+    oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"a {kh}x{kw} window does not fit the (padded) {hp}x{wp} input; "
+                         f"use a smaller kernel or more padding")
+    sn, sh, sw, sc = xn.strides
+    win = xp.lib.stride_tricks.as_strided(xn, (n, oh, ow, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, sc))
+    return win.reshape(n * oh * ow, kh * kw * c), (oh, ow)
 
 
 def col2im(dcols, x_shape, kh, kw, stride=1, padding=0):
-    """Adjoint of ``im2col``: columns (N*OH*OW, C*KH*KW) -> dx (N, C, H, W), overlaps summed."""
+    """Adjoint of ``im2col``: columns (N*OH*OW, KH*KW*C) -> dx (N, C, H, W), overlaps summed."""
     xp = get_array_module(dcols)
     n, c, h, w = x_shape
     hp, wp = h + 2 * padding, w + 2 * padding
     oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
-    d6 = dcols.reshape(n, oh, ow, c, kh, kw)
-    dxp = xp.zeros((n, c, hp, wp), dtype=dcols.dtype)
+    d6 = dcols.reshape(n, oh, ow, kh, kw, c)
+    dxp = xp.zeros((n, hp, wp, c), dtype=dcols.dtype)
     for i in range(kh):
         for j in range(kw):
-            dxp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += d6[..., i, j].transpose(0, 3, 1, 2)
-    return dxp[:, :, padding:padding + h, padding:padding + w] if padding else dxp
+            dxp[:, i:i + stride * oh:stride, j:j + stride * ow:stride] += d6[:, :, :, i, j]
+    return dxp[:, padding:padding + h, padding:padding + w].transpose(0, 3, 1, 2)
+
+
+def _col2im_t(dcols_t, x_shape, kh, kw, stride=1, padding=0):
+    """``col2im`` from transposed columns (KH*KW*C, N*OH*OW): the adds run along image rows, not channels."""
+    xp = get_array_module(dcols_t)
+    n, c, h, w = x_shape
+    hp, wp = h + 2 * padding, w + 2 * padding
+    oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    d6 = dcols_t.reshape(kh, kw, c, n, oh, ow)
+    dxp = xp.zeros((c, n, hp, wp), dtype=dcols_t.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += d6[i, j]
+    return dxp[:, :, padding:padding + h, padding:padding + w].transpose(1, 0, 2, 3)
+
+
+def _w2(w):
+    """Conv weight (O, C, KH, KW) as the (O, KH*KW*C) matrix matching im2col's column order."""
+    return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0):
     """x (N, C, H, W), w (O, C, KH, KW), b (O,) -> y (N, O, OH, OW) and the columns backward needs."""
     o, _, kh, kw = w.shape
     cols, (oh, ow) = im2col(x, kh, kw, stride, padding)
-    y = cols @ w.reshape(o, -1).T
+    y = cols @ _w2(w).T
     if b is not None:
         y += b
     return y.reshape(x.shape[0], oh, ow, o).transpose(0, 3, 1, 2), cols
@@ -97,11 +132,14 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
 
 def conv2d_backward(dy, cols, x_shape, w, stride=1, padding=0, need_w=True, need_b=True):
     """dy (N, O, OH, OW) -> dx (N, C, H, W), dw (O, C, KH, KW) or None, db (O,) or None."""
-    o, _, kh, kw = w.shape
+    o, c, kh, kw = w.shape
     dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, o)
-    dw = (dy2.T @ cols).reshape(w.shape) if need_w else None
+    dw = (dy2.T @ cols).reshape(o, kh, kw, c).transpose(0, 3, 1, 2) if need_w else None
     db = dy2.sum(0) if need_b else None
-    dx = col2im(dy2 @ w.reshape(o, -1), x_shape, kh, kw, stride, padding)
+    if c < dy.shape[3]:  # few channels: scatter whole output rows at a time
+        dx = _col2im_t(_w2(w).T @ dy2.T, x_shape, kh, kw, stride, padding)
+    else:
+        dx = col2im(dy2 @ _w2(w), x_shape, kh, kw, stride, padding)
     return dx, dw, db
 
 

@@ -38,6 +38,7 @@ CASES = {
     "linear-3d-nobias": (lambda: nn.Linear(5, 4, bias=False, dtype=f64, rng=0), lambda: _x(2, 3, 5)),
     "conv-pad": (lambda: nn.Conv2d(2, 3, 3, padding=1, dtype=f64, rng=0), lambda: _x(2, 2, 5, 5)),
     "conv-stride-rect": (lambda: nn.Conv2d(2, 3, (3, 2), stride=2, dtype=f64, rng=0), lambda: _x(2, 2, 7, 6)),
+    "conv-wide-channels": (lambda: nn.Conv2d(6, 2, 3, padding=1, dtype=f64, rng=0), lambda: _x(2, 6, 3, 3)),
     "maxpool": (lambda: nn.MaxPool2d(2), lambda: _x(2, 2, 4, 4)),
     "maxpool-overlap-pad": (lambda: nn.MaxPool2d(3, stride=2, padding=1), lambda: _x(1, 2, 5, 5)),
     "avgpool": (lambda: nn.AvgPool2d(2), lambda: _x(2, 2, 4, 4)),
