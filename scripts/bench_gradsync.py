@@ -1,0 +1,385 @@
+"""Gradient exchange per step: mpidp's fused buckets against hand-written mpi4py strategies.
+
+    python scripts/bench_gradsync.py                 # launches itself: mpiexec -n 2
+    python scripts/bench_gradsync.py --sweep         # also sweeps fusion threshold x piece size
+    mpiexec -n 2 python scripts/bench_gradsync.py    # or inside a job you started
+
+Two gradient sets: (a) ResNet-50's 161 parameter tensors (25.6 M float32) and
+(b) 500 tensors of 1 K float32. Strategies, all in one run and interleaved rep
+by rep so that drift and the other users of the machine hit them alike:
+
+    raw per-tensor   one ``Allreduce`` per gradient array
+    raw flat         one ``Allreduce`` of one flat buffer of the same total size
+    raw 1MiB pieces  that flat buffer reduced in 1 MiB pieces
+    mpidp sync       DistributedOptimizer.step() with every gradient ready (no overlap)
+    mpidp hooks      backward fires the gradient-ready hooks in reverse order, then step()
+
+A step is timed on every rank from a barrier; its time is the slowest rank's,
+and tables show medians over reps. ``--sweep`` first measures mpidp over a
+grid of fusion thresholds x piece sizes (with the raw strategies in the same
+reps), picks the pair whose worse ratio to the best raw strategy over (a) and
+(b) is smallest, then confirms it with fresh reps. CSV and PNG go to
+docs/figures/.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "docs" / "figures"
+KiB, MiB = 1 << 10, 1 << 20
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+_LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_LOCAL", "PRTE_")
+
+RESNET50_SHAPES = [  # torchvision resnet50 registration order: 161 tensors, 25,557,032 floats
+    (64, 3, 7, 7), (64,), (64,),  # conv1, bn1
+    (64, 64, 1, 1), (64,), (64,), (64, 64, 3, 3), (64,), (64,),  # layer1.0: conv1, bn1, conv2, bn2
+    (256, 64, 1, 1), (256,), (256,), (256, 64, 1, 1), (256,), (256,),  # conv3, bn3, downsample conv, bn
+    (64, 256, 1, 1), (64,), (64,), (64, 64, 3, 3), (64,), (64,),  # layer1.1: conv1, bn1, conv2, bn2
+    (256, 64, 1, 1), (256,), (256,),  # conv3, bn3
+    (64, 256, 1, 1), (64,), (64,), (64, 64, 3, 3), (64,), (64,),  # layer1.2: conv1, bn1, conv2, bn2
+    (256, 64, 1, 1), (256,), (256,),  # conv3, bn3
+    (128, 256, 1, 1), (128,), (128,), (128, 128, 3, 3), (128,), (128,),  # layer2.0: conv1, bn1, conv2, bn2
+    (512, 128, 1, 1), (512,), (512,), (512, 256, 1, 1), (512,), (512,),  # conv3, bn3, downsample conv, bn
+    (128, 512, 1, 1), (128,), (128,), (128, 128, 3, 3), (128,), (128,),  # layer2.1: conv1, bn1, conv2, bn2
+    (512, 128, 1, 1), (512,), (512,),  # conv3, bn3
+    (128, 512, 1, 1), (128,), (128,), (128, 128, 3, 3), (128,), (128,),  # layer2.2: conv1, bn1, conv2, bn2
+    (512, 128, 1, 1), (512,), (512,),  # conv3, bn3
+    (128, 512, 1, 1), (128,), (128,), (128, 128, 3, 3), (128,), (128,),  # layer2.3: conv1, bn1, conv2, bn2
+    (512, 128, 1, 1), (512,), (512,),  # conv3, bn3
+    (256, 512, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),  # layer3.0: conv1, bn1, conv2, bn2
+    (1024, 256, 1, 1), (1024,), (1024,), (1024, 512, 1, 1), (1024,), (1024,),  # conv3, bn3, downsample
+    (256, 1024, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),  # layer3.1: conv1, bn1, conv2, bn2
+    (1024, 256, 1, 1), (1024,), (1024,),  # conv3, bn3
+    (256, 1024, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),  # layer3.2: conv1, bn1, conv2, bn2
+    (1024, 256, 1, 1), (1024,), (1024,),  # conv3, bn3
+    (256, 1024, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),  # layer3.3: conv1, bn1, conv2, bn2
+    (1024, 256, 1, 1), (1024,), (1024,),  # conv3, bn3
+    (256, 1024, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),  # layer3.4: conv1, bn1, conv2, bn2
+    (1024, 256, 1, 1), (1024,), (1024,),  # conv3, bn3
+    (256, 1024, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),  # layer3.5: conv1, bn1, conv2, bn2
+    (1024, 256, 1, 1), (1024,), (1024,),  # conv3, bn3
+    (512, 1024, 1, 1), (512,), (512,), (512, 512, 3, 3), (512,), (512,),  # layer4.0: conv1, bn1, conv2, bn2
+    (2048, 512, 1, 1), (2048,), (2048,), (2048, 1024, 1, 1), (2048,), (2048,),  # conv3, bn3, downsample
+    (512, 2048, 1, 1), (512,), (512,), (512, 512, 3, 3), (512,), (512,),  # layer4.1: conv1, bn1, conv2, bn2
+    (2048, 512, 1, 1), (2048,), (2048,),  # conv3, bn3
+    (512, 2048, 1, 1), (512,), (512,), (512, 512, 3, 3), (512,), (512,),  # layer4.2: conv1, bn1, conv2, bn2
+    (2048, 512, 1, 1), (2048,), (2048,),  # conv3, bn3
+    (1000, 2048), (1000,),  # fc
+]
+SMALL_SHAPES = [(1024,)] * 500
+CASES = {"resnet50": RESNET50_SHAPES, "500x1K": SMALL_SHAPES}
+THRESHOLDS = [256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB, 128 * MiB]
+PIECES = [256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB]
+RAW_PIECE = 1 * MiB
+
+
+def under_mpi():
+    """True inside an mpiexec job with more than one rank (read from the launcher, no MPI init)."""
+    return any(int(os.environ.get(v, "1")) > 1 for v in _SIZE_VARS)
+
+
+def launch_self(np, argv, timeout):
+    """Run this script under ``mpiexec -n np`` (whole process group killed on timeout); returns rc."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_VARS)}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    cmd = ["mpiexec", "-n", str(np), sys.executable, os.path.abspath(sys.argv[0]), *argv]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        print(f"mpiexec -n {np} did not finish within {timeout} s; killed", file=sys.stderr)
+        return 124
+
+
+def fmt_bytes(n):
+    if n >= MiB:
+        return f"{n / MiB:g}MiB"
+    return f"{n / KiB:g}KiB"
+
+
+# --- gradient sources ---------------------------------------------------------------------------
+
+def gradient_model(shapes, seed=0, dtype=numpy.float32):
+    """An nn.Sequential of one-parameter identity layers: its backward fires the gradient-ready
+    hooks in reverse registration order, as a real model's backward would, at no compute cost."""
+    from mpidp import nn
+
+    class Holder(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.weight = nn.Parameter(numpy.zeros(shape, dtype=dtype))
+
+        def forward(self, x):
+            return x
+
+        def _backward(self, dy):
+            return dy
+
+    rng = numpy.random.default_rng(seed)
+    model = nn.Sequential(*[Holder(s) for s in shapes])
+    for p in model.parameters():
+        p.grad[...] = rng.standard_normal(p.shape, dtype=numpy.float32)
+    return model
+
+
+class NoStep:
+    """An inner optimizer whose step does nothing: only the exchange is timed."""
+
+    def __init__(self, params):
+        self.param_groups = [{"params": list(params)}]
+        self.state = {}
+
+    def step(self):
+        pass
+
+
+def mpidp_exchange(model, threshold, piece, hooks):
+    """A step function: the DistributedOptimizer exchange of ``model``'s gradients."""
+    import mpidp
+    from mpidp.comm import _buffers
+
+    opt = mpidp.DistributedOptimizer(NoStep(model.parameters()), model=model,
+                                     fusion_threshold_bytes=threshold, overlap=hooks)
+    x = numpy.zeros(1, numpy.float32)
+
+    def prepare():
+        _buffers.set_piece_bytes(piece)
+        if hooks:
+            model(x)  # counts each parameter's use, so backward fires its hook
+
+    def run():
+        if hooks:
+            model.backward(x)
+        opt.step()
+
+    run.prepare, run.opt = prepare, opt
+    return run
+
+
+def raw_strategies(shapes, comm, seed=0):
+    """The hand-written mpi4py strategies: name -> step function (each with its own buffers)."""
+    from mpi4py import MPI
+
+    # values double each step (a sum of equal replicas): float32 overflows only after ~120 steps
+    rng = numpy.random.default_rng(seed)
+    arrays = [rng.standard_normal(s, dtype=numpy.float32) for s in shapes]
+    total = sum(a.size for a in arrays)
+    flat = rng.standard_normal(total, dtype=numpy.float32)
+    flat2 = flat.copy()
+    step = RAW_PIECE // flat2.itemsize
+
+    def per_tensor():
+        for a in arrays:
+            comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+
+    def one_flat():
+        comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+
+    def pieces():
+        for i in range(0, total, step):
+            comm.Allreduce(MPI.IN_PLACE, flat2[i:i + step], op=MPI.SUM)
+
+    return {"raw per-tensor": per_tensor, "raw flat": one_flat, f"raw {fmt_bytes(RAW_PIECE)} pieces": pieces}
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+def measure(comm, strategies, reps, warmup=2):
+    """Median seconds per step of each strategy (slowest rank), reps interleaved round-robin."""
+    names = list(strategies)
+    times = numpy.zeros((reps, len(names)))
+    for r in range(-warmup, reps):
+        for j, name in enumerate(names):
+            fn = strategies[name]
+            getattr(fn, "prepare", lambda: None)()
+            comm.Barrier()
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r >= 0:
+                times[r, j] = dt
+    from mpi4py import MPI
+    comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
+    return {name: float(numpy.median(times[:, j])) for j, name in enumerate(names)}, times
+
+
+def best_raw(result):
+    return min(v for k, v in result.items() if isinstance(k, str) and k.startswith("raw"))
+
+
+def sweep(comm, reps, thresholds, pieces, log):
+    """ms of mpidp sync over thresholds x pieces on every case, and the raw strategies alike."""
+    rows, grid = [], {}
+    for case, shapes in CASES.items():
+        strategies = dict(raw_strategies(shapes, comm))
+        for t in thresholds:
+            model = gradient_model(shapes)  # one model per threshold: buckets of its own
+            for p in pieces:
+                strategies[(t, p)] = mpidp_exchange(model, t, p, hooks=False)
+        log(f"sweep {case}: {len(strategies)} strategies x {reps} reps ...")
+        result, _ = measure(comm, strategies, reps)
+        floor = best_raw(result)
+        for key, sec in result.items():
+            t, p = key if isinstance(key, tuple) else (None, None)
+            rows.append({"case": case, "strategy": "mpidp sync" if t else key, "threshold": t or "",
+                         "piece": p or "", "ms": sec * 1e3, "ratio": sec / floor})
+            if t:
+                grid[case, t, p] = sec / floor
+        del strategies
+    return rows, grid
+
+
+def choose(grid, thresholds, pieces):
+    """(threshold, piece) with the smallest worse-case ratio to the best raw strategy."""
+    cases = sorted({c for c, _, _ in grid})
+    score = {(t, p): max(grid[c, t, p] for c in cases) for t in thresholds for p in pieces}
+    return min(score, key=lambda k: (score[k], k)), score
+
+
+def confirm(comm, reps, default, chosen):
+    """The table: raw strategies and mpidp at the default and at the chosen settings."""
+    rows = []
+    settings = [("default", default)] + ([("tuned", chosen)] if chosen != default else [])
+    for case, shapes in CASES.items():
+        strategies, where = dict(raw_strategies(shapes, comm)), {}
+        for label, (t, p) in settings:
+            for mode in ("sync", "hooks"):
+                name = f"mpidp {mode} ({label})"
+                strategies[name] = mpidp_exchange(gradient_model(shapes), t, p, hooks=mode == "hooks")
+                where[name] = (t, p)
+        result, _ = measure(comm, strategies, reps)
+        floor = best_raw(result)
+        for name, sec in result.items():
+            t, p = where.get(name, ("", ""))
+            rows.append({"case": case, "strategy": name, "threshold": t, "piece": p, "ms": sec * 1e3,
+                         "ratio": sec / floor})
+    return rows
+
+
+# --- output -------------------------------------------------------------------------------------
+
+def print_table(rows, out=sys.stdout):
+    print(f"{'case':<10} {'strategy':<26} {'threshold':>9} {'piece':>8} {'ms/step':>9} {'x best raw':>10}",
+          file=out)
+    for r in rows:
+        t = fmt_bytes(r["threshold"]) if r["threshold"] else ""
+        p = fmt_bytes(r["piece"]) if r["piece"] else ""
+        print(f"{r['case']:<10} {r['strategy']:<26} {t:>9} {p:>8} {r['ms']:>9.3f} {r['ratio']:>10.2f}",
+              file=out)
+
+
+def write_csv(path, rows, extra):
+    import csv
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(extra) + list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**extra, **r})
+
+
+def plot_table(path, rows, np):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4))
+    for ax, case in zip(numpy.atleast_1d(axes), cases):
+        mine = [r for r in rows if r["case"] == case]
+        colors = ["tab:gray" if r["strategy"].startswith("raw") else "tab:blue" for r in mine]
+        ax.barh([r["strategy"] for r in mine], [r["ms"] for r in mine], color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per step (median, slowest rank)")
+        ax.set_title(f"{case}, np={np}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(path, score, thresholds, pieces, np):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    m = numpy.array([[score[t, p] for p in pieces] for t in thresholds])
+    fig, ax = plt.subplots(figsize=(7, 5))
+    im = ax.imshow(m, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(pieces)), [fmt_bytes(p) for p in pieces])
+    ax.set_yticks(range(len(thresholds)), [fmt_bytes(t) for t in thresholds])
+    ax.set_xlabel("piece size")
+    ax.set_ylabel("fusion threshold")
+    for i in range(len(thresholds)):
+        for j in range(len(pieces)):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_title(f"mpidp / best raw, worse of the two cases (np={np})")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args):
+    import mpidp
+    from mpi4py import MPI
+    from mpidp.comm import _buffers
+    from mpidp.distributed.optimizer import fusion_threshold
+
+    mpidp.init()
+    comm = MPI.COMM_WORLD
+    rank, np = comm.Get_rank(), comm.Get_size()
+
+    def log(msg):
+        if rank == 0:
+            print(msg, flush=True)
+
+    default = (fusion_threshold(), _buffers.piece_bytes())
+    chosen = (args.threshold or default[0], args.piece or default[1])
+    extra = {"np": np, "mpi": f"{MPI.get_vendor()[0]} {'.'.join(map(str, MPI.get_vendor()[1]))}"}
+    log(f"np={np} {extra['mpi']}; default threshold {fmt_bytes(default[0])}, piece {fmt_bytes(default[1])}")
+    if args.sweep:
+        rows, grid = sweep(comm, args.sweep_reps, THRESHOLDS, PIECES, log)
+        chosen, score = choose(grid, THRESHOLDS, PIECES)
+        if rank == 0:
+            write_csv(FIGURES / "bench_gradsync_sweep.csv", rows, extra)
+            plot_sweep(FIGURES / "bench_gradsync_sweep.png", score, THRESHOLDS, PIECES, np)
+            best = sorted(score, key=lambda k: score[k])[:8]
+            log("sweep: worse-case ratio to best raw (lower is better), best 8:")
+            for t, p in best:
+                log(f"  threshold {fmt_bytes(t):>7} piece {fmt_bytes(p):>7}: {score[t, p]:.3f}  "
+                    + "  ".join(f"{c} {grid[c, t, p]:.2f}" for c in CASES))
+            log(f"chosen: threshold {fmt_bytes(chosen[0])}, piece {fmt_bytes(chosen[1])}")
+    log(f"confirming with {args.reps} fresh reps ...")
+    rows = confirm(comm, args.reps, default, chosen)
+    if rank == 0:
+        print_table(rows)
+        write_csv(FIGURES / "bench_gradsync.csv", rows, extra)
+        plot_table(FIGURES / "bench_gradsync.png", rows, np)
+        log(f"wrote {FIGURES / 'bench_gradsync.csv'} and .png")
+    mpidp.shutdown()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--np", type=int, default=2, help="ranks when launching itself (default 2)")
+    ap.add_argument("--reps", type=int, default=15, help="timed steps per strategy in the table")
+    ap.add_argument("--sweep", action="store_true", help="sweep fusion threshold x piece size first")
+    ap.add_argument("--sweep-reps", type=int, default=7, help="timed steps per sweep candidate")
+    ap.add_argument("--threshold", type=int, default=0, help="fusion threshold (bytes) to compare")
+    ap.add_argument("--piece", type=int, default=0, help="piece size (bytes) to compare")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds before the job is killed")
+    args = ap.parse_args(argv)
+    if not under_mpi() and args.np > 1:
+        return launch_self(args.np, sys.argv[1:] if argv is None else argv, args.timeout)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
