@@ -272,8 +272,6 @@ def train(args):
                "test_accuracy": float(test_acc), "samples_per_s": samples / elapsed if elapsed else 0.0,
                "hidden_communication": opt.hidden_fraction(), "interrupted": interrupted}
     summary["scaling_efficiency"] = _efficiency(args, summary)
-    if args.timeline:
-        timeline.save()
     if rank == 0:
         eff = summary["scaling_efficiency"]
         print(f"done: {step} steps in {elapsed:.1f} s, test accuracy {test_acc:.4f}, test loss {test_loss:.4f}, "

@@ -10,6 +10,7 @@ import collections
 import threading
 import time
 
+from .. import timeline
 from . import stall
 
 
@@ -85,7 +86,8 @@ class Engine:
             return self.submit(fn, what, seq, finish).wait()
         try:
             stall.begin_wait(what, seq)
-            value = fn()
+            with timeline.span(what, "comm"):
+                value = fn()
         finally:
             stall.end_wait()
             with self._cv:
@@ -107,7 +109,8 @@ class Engine:
                 handle, fn = self._queue.popleft()
                 self._busy = True
             stall.begin_wait(handle.what, handle.seq)
-            handle._complete(fn)
+            with timeline.span(handle.what, "comm"):
+                handle._complete(fn)
             stall.end_wait()
             with self._cv:
                 self._busy = False

@@ -5,7 +5,7 @@ import time
 
 from mpi4py import MPI
 
-from .. import _env
+from .. import _env, timeline
 from ..backend import cuda_aware as _cuda_aware
 from ..backend.device import bind_device
 from ..errors import NotInitializedError
@@ -42,6 +42,7 @@ def init(comm=None):
     _state.cuda_aware, _state.cuda_aware_how = _cuda_aware.detect()
     _state.device = bind_device(_state.local_comm.Get_rank())
     stall.start(_state.comm)
+    timeline.start()  # MPIDP_TIMELINE=path records every rank; shutdown() writes the merged trace
     if _env.get("MPIDP_ABORT_ON_EXCEPTION"):
         _abort.install(_state.comm)
     atexit.register(_exit_without_shutdown)
@@ -52,6 +53,8 @@ def shutdown():
     if _state.comm is None:
         return
     from . import process_set
+    if timeline.enabled():
+        timeline.save()
     stall.stop()
     process_set._free_all()
     for c in (_state.cross_comm, _state.local_comm, _state.comm):
