@@ -116,7 +116,7 @@ def _dtype(name):
 
 
 def _crc(a):
-    return zlib.crc32(memoryview(numpy.ascontiguousarray(a)).cast("B"))
+    return zlib.crc32(numpy.ascontiguousarray(a).reshape(-1).view(numpy.uint8))
 
 
 # --- save -----------------------------------------------------------------------------------------
