@@ -143,51 +143,18 @@ def _forwarded_env(specs, environ):
     return env
 
 
-def plan(args, environ=None):
-    """Check ``args`` and decide the launch; ``LaunchError`` (one sentence) when anything is wrong."""
-    environ = os.environ if environ is None else environ
-    notes = []
-    program = list(args.program)
-    if program[:1] == ["--"]:
-        program = program[1:]
-    if not program:
-        raise LaunchError("no program given; put the command after the options, "
-                          "e.g. 'mpidprun -np 4 python train.py'")
-    resolved = _resolve_program(program)
-    if args.np is not None and args.np < 1:
-        raise LaunchError(f"-np {args.np}: the number of ranks must be at least 1")
-    if args.restarts < 0:
-        raise LaunchError(f"--restarts {args.restarts}: must be 0 or more")
-    if args.timeout is not None and args.timeout <= 0:
-        raise LaunchError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
-
+def _hosts_of(args, environ):
+    """(source, hosts): -H, --hostfile, the batch system's allocation, or (local, None)."""
     if args.hosts is not None:
-        source, hosts = "-H", _hosts.parse_host_list(args.hosts)
-    elif args.hostfile is not None:
-        source, hosts = "--hostfile", _hosts.read_hostfile(args.hostfile)
-    else:
-        source, hosts = _hosts.from_environment(environ)
-        source = source or "local"
+        return "-H", _hosts.parse_host_list(args.hosts)
+    if args.hostfile is not None:
+        return "--hostfile", _hosts.read_hostfile(args.hostfile)
+    source, hosts = _hosts.from_environment(environ)
+    return source or "local", hosts
 
-    launcher = args.mpi
-    info = None
-    if launcher == "auto" or not args.dry_run:
-        python = resolved if _mpiexec.is_python(program[0]) else None
-        info = _mpiexec.probe_mpi4py(python)
-        notes.append(f"mpi4py of {info.python} loads {info.version or 'an unknown MPI'}"
-                     + (f" from {info.libdirs[0]}" if info.libdirs else ""))
-    if launcher == "auto":
-        if source == "slurm" and shutil.which("srun", path=environ.get("PATH")):
-            launcher = "srun"
-        elif info.flavour:
-            launcher = info.flavour
-        else:
-            raise LaunchError(f"mpi4py's MPI library is neither MPICH nor Open MPI "
-                              f"({info.version!r}); pass --mpi mpich|openmpi|srun")
-    elif info is not None and info.flavour and launcher != "srun" and info.flavour != launcher:
-        notes.append(f"warning: mpi4py is built for {_mpiexec.NAMES[info.flavour]} but --mpi "
-                     f"{launcher} was given; the ranks may start as separate 1-rank jobs")
 
+def _ranks(args, source, hosts, environ):
+    """-np, or all slots of the hosts, or SLURM_NTASKS; checked against the slots."""
     np = args.np
     if np is None:
         if hosts is not None:
@@ -196,35 +163,80 @@ def plan(args, environ=None):
             np = int(environ["SLURM_NTASKS"])
         else:
             raise LaunchError("the number of ranks is not known; give -np N, -H or --hostfile")
-    if hosts is not None and np > _hosts.total_slots(hosts) and not args.oversubscribe:
+    if np < 1:
+        raise LaunchError(f"-np {np}: the number of ranks must be at least 1")
+    slots = _hosts.total_slots(hosts) if hosts is not None else None
+    if slots is not None and np > slots and not args.oversubscribe:
         where = _hosts.format_host_list(hosts)
-        if len(where) > 60:
-            where = f"{len(hosts)} hosts"
-        raise LaunchError(f"{np} ranks but only {_hosts.total_slots(hosts)} slots on {where} "
-                          f"(from {source}); pass --oversubscribe or give more slots")
+        where = where if len(where) <= 60 else f"{len(hosts)} hosts"
+        raise LaunchError(f"{np} ranks but only {slots} slots on {where} (from {source}); "
+                          f"pass --oversubscribe or give more slots")
+    return np
 
+
+def _launcher(args, source, info, environ, notes):
+    """'mpich', 'openmpi' or 'srun' for --mpi ``args.mpi`` and mpi4py's MPI ``info``."""
+    if args.mpi != "auto":
+        if info is not None and info.flavour and args.mpi != "srun" and info.flavour != args.mpi:
+            notes.append(f"warning: mpi4py is built for {_mpiexec.NAMES[info.flavour]} but --mpi "
+                         f"{args.mpi} was given; the ranks may start as separate 1-rank jobs")
+        return args.mpi
+    if source == "slurm" and shutil.which("srun", path=environ.get("PATH")):
+        return "srun"
+    if not info.flavour:
+        raise LaunchError(f"mpi4py's MPI library is neither MPICH nor Open MPI "
+                          f"({info.version!r}); pass --mpi mpich|openmpi|srun")
+    return info.flavour
+
+
+def plan(args, environ=None):
+    """Check ``args`` and decide the launch; ``LaunchError`` (one sentence) when anything is wrong.
+
+    The cheap checks come first, so bad input fails before any subprocess runs.
+    """
+    environ = os.environ if environ is None else environ
+    program = list(args.program)
+    if program[:1] == ["--"]:
+        program = program[1:]
+    if not program:
+        raise LaunchError("no program given; put the command after the options, "
+                          "e.g. 'mpidprun -np 4 python train.py'")
+    resolved = _resolve_program(program)
+    if args.restarts < 0:
+        raise LaunchError(f"--restarts {args.restarts}: must be 0 or more")
+    if args.timeout is not None and args.timeout <= 0:
+        raise LaunchError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
+    env = _forwarded_env(args.env, environ)
+    source, hosts = _hosts_of(args, environ)
+    np = _ranks(args, source, hosts, environ)
+
+    notes, info = [], None
+    if not (args.dry_run and args.mpi in ("mpich", "openmpi")):
+        # the ranks' python decides which MPI matters: probe it when the program is one
+        info = _mpiexec.probe_mpi4py(resolved if _mpiexec.is_python(program[0]) else None)
+        notes.append(f"mpi4py of {info.python} loads {info.version or 'an unknown MPI'}"
+                     + (f" from {info.libdirs[0]}" if info.libdirs else ""))
+    launcher = _launcher(args, source, info, environ, notes)
+
+    srun_pmi = ""
     if launcher == "srun":
-        srun_hosts = None if source in ("slurm", "local") else hosts
-        if srun_hosts is not None:
-            raise LaunchError("srun takes its hosts from the Slurm allocation; drop -H/--hostfile "
-                              "or pass --mpi mpich|openmpi to use mpiexec with them")
+        if source not in ("slurm", "local"):
+            raise LaunchError(f"srun takes its hosts from the Slurm allocation, not from {source}; "
+                              f"pass --mpi mpich|openmpi to use mpiexec with them")
         hosts = None
         exe = args.mpiexec or shutil.which("srun", path=environ.get("PATH")) or "srun"
         srun_pmi = _mpiexec.SRUN_PMI.get(info.flavour if info else "", "")
+    elif args.dry_run and info is None and not args.mpiexec:
+        try:
+            exe = _mpiexec.find_mpiexec(launcher)
+        except LaunchError:
+            exe = "mpiexec"  # a dry run only shows the command; the binary need not be here
     else:
-        srun_pmi = ""
-        if args.dry_run and args.mpi != "auto" and not args.mpiexec:
-            try:
-                exe = _mpiexec.find_mpiexec(launcher, info)
-            except LaunchError:
-                exe = "mpiexec"  # a dry run only shows the command; the binary need not be here
-        else:
-            exe = _mpiexec.find_mpiexec(launcher, info, explicit=args.mpiexec)
+        exe = _mpiexec.find_mpiexec(launcher, info, explicit=args.mpiexec)
     notes.append(f"launcher {launcher}: {exe}")
-    notes.append(f"hosts from {source}: " + (_hosts.format_host_list(hosts) if hosts else
-                                             "this machine"))
-    return Plan(launcher, exe, np, hosts, source, _forwarded_env(args.env, environ), program,
-                srun_pmi, args.oversubscribe, notes)
+    notes.append(f"hosts from {source}: "
+                 + (_hosts.format_host_list(hosts) if hosts else "this machine"))
+    return Plan(launcher, exe, np, hosts, source, env, program, srun_pmi, args.oversubscribe, notes)
 
 
 def _command(p, program, hostfile_path):
