@@ -1,7 +1,8 @@
 """Per-rank trace of compute, communication, copies and waits, merged into one Chrome-trace JSON.
 
-Off unless ``start()`` is given a path (or ``MPIDP_TIMELINE`` names one):
-then every call below is one global check and returns a shared no-op.
+Off unless ``start()`` is given a path (or ``MPIDP_TIMELINE`` names one),
+and then every call below is one global check returning a shared no-op.
+Every rank calls ``start`` and ``save`` alike (``save`` is a collective).
 On, each rank appends (name, category, start, duration, thread) tuples from
 any thread; ``save()`` gathers every rank's events and rank 0 writes one file
 for Perfetto / chrome://tracing with one process row per rank and one
@@ -86,8 +87,7 @@ class _Span:
         return False
 
 
-_rec = None       # the recording _Recorder, or None: the one check on every call
-_stopped = None   # the last recorder stop() ended, kept for save()
+_rec = None  # the recording _Recorder, or None: the one check on every call
 
 
 def _category(cat):
@@ -98,19 +98,18 @@ def _category(cat):
 
 def start(path=None):
     """Start recording on this rank (``path`` default: ``MPIDP_TIMELINE``; none -> stays off); True if on."""
-    global _rec, _stopped
+    global _rec
     path = path or _env.get("MPIDP_TIMELINE")
     if not path:
         return False
-    _rec, _stopped = _Recorder(os.fspath(path)), None
+    _rec = _Recorder(os.fspath(path))
     return True
 
 
 def stop():
-    """Stop recording; the events stay for ``save()``."""
-    global _rec, _stopped
-    if _rec is not None:
-        _rec, _stopped = None, _rec
+    """Stop recording and drop the events (``save()`` first to keep them)."""
+    global _rec
+    _rec = None
 
 
 def enabled():
@@ -208,10 +207,11 @@ def _write(doc, path):
 def save(path=None):
     """Collective (every rank that recorded calls it): rank 0 writes every rank's events to ``path``.
 
-    Returns the path written on every rank, or None when this rank recorded
-    nothing. Recording goes on; a failed write raises OSError on every rank.
+    Returns the path written on every rank, or None (and no communication)
+    while this rank is not recording. Recording goes on, so a later save
+    writes everything again; a failed write raises OSError on every rank.
     """
-    rec = _rec or _stopped
+    rec = _rec
     if rec is None:
         return None
     path = os.fspath(path or rec.path)
