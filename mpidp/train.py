@@ -266,6 +266,8 @@ def train(args):
             if not args.checkpoint_every:
                 save(f"end of epoch {epoch + 1}")
     elapsed = time.perf_counter() - start
+    if not interrupted or args.max_steps:
+        save("final" if not interrupted else f"--max-steps {args.max_steps}")
     test_loss, test_acc = evaluate(model, test_set, 256, xp)
     mpidp.check_replicas(model)
     summary = {"model": args.model, "ranks": size, "steps": step, "test_loss": float(test_loss),
