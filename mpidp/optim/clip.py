@@ -20,8 +20,10 @@ def grad_norm(params, norm_type=2.0):
             continue
         xp = get_array_module(g)
         g = g.astype(acc_dtype(g.dtype), copy=False).ravel()
+        if g.size == 0:
+            continue
         if norm_type == math.inf:
-            total = max(total, float(xp.abs(g).max(initial=0.0)))
+            total = max(total, float(xp.abs(g).max()))
         elif norm_type == 2.0:
             total += float(xp.vdot(g, g))
         else:

@@ -266,3 +266,13 @@ def test_setattr_errors():
         m.weight = numpy.zeros((2, 2))
     with pytest.raises(TypeError, match="argument 1 is a int"):
         nn.Sequential(nn.ReLU(), 3)
+
+
+def test_containers():
+    s = nn.Sequential(nn.Linear(2, 3)).append(nn.Identity())
+    assert len(s) == 2 and isinstance(s[-1], nn.Identity) and [type(m).__name__ for m in s] == ["Linear", "Identity"]
+    lst = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+    assert len(lst) == 2 and [n for n, _ in lst.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    s(_x(3, 2).astype(numpy.float32))
+    dy = numpy.ones((3, 3), numpy.float32)
+    assert numpy.array_equal(s.backward(dy), dy @ s[0].weight.data)
