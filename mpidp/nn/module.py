@@ -71,12 +71,14 @@ class Module:
                                  f"call super().__init__() first in __init__")
         params, mods, bufs = d["_parameters"], d["_modules"], d["_buffers"]
         if isinstance(value, Parameter):
-            mods.pop(name, None), bufs.pop(name, None)
+            mods.pop(name, None)
+            bufs.pop(name, None)
             params[name] = value
             if value.name is None:
                 value.name = name
         elif isinstance(value, Module):
-            params.pop(name, None), bufs.pop(name, None)
+            params.pop(name, None)
+            bufs.pop(name, None)
             mods[name] = value
             _prefix_names(value, name)
         elif name in bufs:
@@ -87,7 +89,8 @@ class Module:
                 raise TypeError(f"{name!r} is a {kind} of {type(self).__name__}; assign a "
                                 f"{'Parameter' if kind == 'parameter' else 'Module'} or None, "
                                 f"not {type(value).__name__}")
-            params.pop(name, None), mods.pop(name, None)
+            params.pop(name, None)
+            mods.pop(name, None)
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name):

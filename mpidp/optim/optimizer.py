@@ -141,7 +141,7 @@ class Optimizer:
                 if key != "step" and tuple(value.shape) != p.shape:
                     raise ValueError(f"state[{i}][{key!r}] ({p.name}) has shape {tuple(value.shape)} but the "
                                      f"parameter has shape {p.shape}; load a state saved for the same model")
-        for (_, _, group), saved in zip([(None, None, g) for g in self.param_groups], groups):
+        for group, saved in zip(self.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
         for i, entry in state_dict["state"].items():
             p, group = by_index[int(i)]
