@@ -30,7 +30,6 @@ from .errors import CheckpointError
 FORMAT = 1
 _FILE = re.compile(r"^ckpt-(\d{8,})\.npz$")
 _TEMP = re.compile(r"^\.ckpt-.*\.npz\.tmp$")
-_ALIGN = 64  # byte alignment of each array in the broadcast buffer
 
 
 # --- file names -------------------------------------------------------------------------------
@@ -62,7 +61,7 @@ def latest_step(directory):
     return found[-1][0] if found else None
 
 
-# --- nested state <-> JSON tree + flat arrays -----------------------------------------------------
+# --- nested state <-> JSON tree + arrays under flat keys ------------------------------------------
 
 def _is_array(x):
     return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, numpy.generic)
@@ -289,38 +288,28 @@ def _check_model(path, meta, model):
 
 
 def _prepare(path, model, optimizer, sampler, scaler):
-    """Rank 0: read and verify; returns (header for every rank, the flat byte buffer of the arrays)."""
+    """Rank 0: read and verify; returns (header every rank needs, the arrays to hand out)."""
     meta, arrays = _read(path)
     _check_model(path, meta, model)
     for part, obj in (("optim", optimizer), ("sampler", sampler), ("scaler", scaler)):
         if obj is not None and part not in meta["trees"]:
             raise CheckpointError(f"checkpoint {path} has no {part} state (it was saved without {part}=); "
                                   f"load it without {part}=")
-    skip = () if optimizer is not None else ("optim/",)
-    entries, offset = [], 0
-    for key, a in arrays.items():
-        if key.startswith(skip):
-            continue
-        offset = -(-offset // _ALIGN) * _ALIGN
-        entries.append((key, a.dtype.str, a.shape, offset, meta["dtypes"].get(key)))
-        offset += a.nbytes
-    flat = numpy.empty(offset, dtype=numpy.uint8)
-    for key, dtype, shape, start, _ in entries:
-        a = arrays[key]
-        flat[start:start + a.nbytes] = numpy.ascontiguousarray(a).reshape(-1).view(numpy.uint8)
+    if optimizer is None:  # no need to ship the moments
+        arrays = {k: a for k, a in arrays.items() if not k.startswith("optim/")}
+    entries = [(key, a.dtype.str, a.shape) for key, a in arrays.items()]
     header = {"path": path, "step": meta["step"], "size": meta["size"], "time": meta["time"],
-              "trees": meta["trees"], "entries": entries, "nbytes": offset}
-    return header, flat
+              "trees": meta["trees"], "dtypes": meta["dtypes"], "entries": entries}
+    return header, arrays
 
 
-def _unpack(header, flat):
-    arrays = {}
-    for key, dtype, shape, start, final in header["entries"]:
-        dtype = numpy.dtype(dtype)
-        count = int(numpy.prod(shape, dtype=numpy.int64))
-        a = flat[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
-        arrays[key] = a.view(_dtype(final)) if final else a
-    return arrays
+def _broadcast_arrays(header, arrays, rank):
+    """Every rank gets rank 0's arrays (one broadcast each, in the file's order)."""
+    out = {}
+    for key, dtype, shape in header["entries"]:
+        a = arrays[key] if rank == 0 else numpy.empty(shape, dtype=numpy.dtype(dtype))
+        out[key] = broadcast_(a, root_rank=0, name=f"checkpoint.load:{key}")
+    return out
 
 
 def _apply(header, arrays, model, optimizer, sampler, scaler, rng, rank):
@@ -356,10 +345,10 @@ def load(directory_or_file, model, optimizer=None, sampler=None, scaler=None, st
     """
     rank, size = runtime.rank(), runtime.size()
     with timeline.span("checkpoint.load", "io"):
-        header = flat = error = None
+        header = arrays = error = None
         if rank == 0:
             try:
-                header, flat = _prepare(_resolve(directory_or_file, step), model, optimizer, sampler, scaler)
+                header, arrays = _prepare(_resolve(directory_or_file, step), model, optimizer, sampler, scaler)
             except CheckpointError as exc:
                 error = str(exc)
             except Exception as exc:
@@ -369,11 +358,8 @@ def load(directory_or_file, model, optimizer=None, sampler=None, scaler=None, st
         if error:
             raise CheckpointError(error)
         if size > 1:
-            if rank != 0:
-                flat = numpy.empty(header["nbytes"], dtype=numpy.uint8)
-            if header["nbytes"]:
-                broadcast_(flat, root_rank=0, name="checkpoint.load.arrays")
-        arrays = _unpack(header, flat)
+            arrays = _broadcast_arrays(header, arrays, rank)
+        arrays = {k: a.view(_dtype(header["dtypes"][k])) if k in header["dtypes"] else a for k, a in arrays.items()}
         try:
             extra = _apply(header, arrays, model, optimizer, sampler, scaler, rng, rank)
         except (KeyError, ValueError, TypeError) as exc:  # the same objects on every rank: raised on every rank
