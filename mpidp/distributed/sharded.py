@@ -228,8 +228,13 @@ class ShardedOptimizer:
             self._verified = True
         if bucket.grad is None:  # stage 2, no parameter of it was used: it still takes part
             self._acquire(bucket)
-        bucket.handle = collectives.reducescatter_async(bucket.grad, op=ops.Average, name=bucket.name,
-                                                        process_set=self._set_arg)
+        if bucket.grad.itemsize <= 2:  # 16-bit sums of loss-scaled gradients overflow: divide first
+            bucket.handle = collectives.reducescatter_async(bucket.grad, op=ops.Sum, name=bucket.name,
+                                                            prescale_factor=1.0 / self._size,
+                                                            process_set=self._set_arg)
+        else:
+            bucket.handle = collectives.reducescatter_async(bucket.grad, op=ops.Average, name=bucket.name,
+                                                            process_set=self._set_arg)
         self.stats["reduce_bytes"] += bucket.grad.nbytes
         self._next_fire = bucket.index + 1
 
