@@ -26,6 +26,9 @@ _VERDICT_TAG = 7702
 GRACE = 1.0
 # Collection and the session's end get at least this long: imports can be slow.
 SLOW_PHASE_S = 60.0
+SPIN_S = 0.02         # a waiting rank polls without sleeping this long, then sleeps
+MAX_PAUSE_S = 0.005   # ... at most this long between polls
+NOTE_WAIT_S = 0.1     # rank 0 notes in results.jsonl whom it waits for after this long
 
 
 def _stacks():
@@ -85,11 +88,12 @@ class MpiSession:
             self._redirect_terminal()
         # faulthandler's own timer is free unless the user set faulthandler_timeout.
         self.backstop = not float(config.getini("faulthandler_timeout") or 0)
+        self.backstop_until = float("-inf")
         self.watchdog = Watchdog(self._expired)
-        self._arm(time.monotonic() + self._slow_seconds(), "start-up (MPI_Comm_dup) timed out")
+        self._arm(time.monotonic() + self._slow_seconds(), "start-up (MPI_Comm_dup) timed out", True)
         # A private communicator: a user's recv(ANY_TAG) on COMM_WORLD must not take our rows.
         self.comm = self.world.Dup() if self.size > 1 else self.world
-        self._disarm()
+        self._disarm(True)
 
     # --- where output goes -------------------------------------------------------------
 
@@ -187,17 +191,29 @@ class MpiSession:
         self._say(f"[mpidp] rank {self.rank}: aborting the job")
         self._end()
 
-    def _arm(self, deadline, what):
-        """Start the watchdog for a phase, and faulthandler as a backstop for a rank that holds the GIL."""
+    def _arm(self, deadline, what, backstop=False):
+        """Set the watchdog for a phase; with ``backstop``, faulthandler's timer too.
+
+        faulthandler's C thread ends the process even where the main thread holds the GIL
+        and the watchdog thread cannot run; it is set once per test (each call starts a
+        thread), so late enough to cover the exchanges and the watchdog's own grace.
+        """
         self.watchdog.arm(deadline, what)
-        if self.backstop and deadline != float("inf"):
-            faulthandler.dump_traceback_later(max(deadline - time.monotonic(), 0) + 4 * GRACE, exit=True,
+        if not (backstop and self.backstop) or deadline == float("inf"):
+            return
+        now, until = time.monotonic(), deadline + 8 * GRACE
+        # Each call starts a thread (~0.5 ms): set it half a timeout later than needed, and
+        # set it again only when it would fire before this phase's deadline + 8 graces.
+        if self.backstop_until < until:
+            self.backstop_until = until + (deadline - now) / 2
+            faulthandler.dump_traceback_later(self.backstop_until - now, exit=True,
                                               file=self.log if self.log is not None else self.stderr_fd)
 
-    def _disarm(self):
+    def _disarm(self, backstop=False):
         self.watchdog.disarm()
-        if self.backstop:
+        if backstop and self.backstop:
             faulthandler.cancel_dump_traceback_later()
+            self.backstop_until = float("-inf")
 
     # --- the exchange ------------------------------------------------------------------
 
@@ -214,7 +230,7 @@ class MpiSession:
         self._arm(deadline + 4 * GRACE, f"stuck in mpidp's exchange about {what}")
         if self.rank != 0:
             self.comm.send((self.seq, key, row), dest=0, tag=_REPORT_TAG)
-            verdict = self._receive(0, _VERDICT_TAG, deadline + 2 * GRACE)
+            verdict = self._receive(0, _VERDICT_TAG, deadline + 2 * GRACE, time.monotonic())
             if verdict is None:
                 self.abort(f"rank 0 gave no verdict on {what} in time; "
                            "rank 0 is stuck or out of step (see its output)")
@@ -225,14 +241,15 @@ class MpiSession:
         status = self.MPI.Status()
         start, noted = time.monotonic(), None
         while missing:
-            message = self._receive(self.MPI.ANY_SOURCE, _REPORT_TAG, deadline, status,
-                                    on_wait=lambda waited: waited > 0.1)
+            now = time.monotonic()
+            if now >= deadline:
+                raise _OutOfStep(self._missing_text(what, sorted(missing), now - start))
+            if now - start > NOTE_WAIT_S and noted != missing:
+                noted = set(missing)  # for a job that dies now: rank 0 knew whom it waited for
+                self._event(event="waiting", what=what, ranks=sorted(missing))
+            message = self._receive(self.MPI.ANY_SOURCE, _REPORT_TAG,
+                                    min(deadline, max(now, start + NOTE_WAIT_S)), start, status)
             if message is None:
-                if time.monotonic() >= deadline:
-                    raise _OutOfStep(self._missing_text(what, sorted(missing), time.monotonic() - start))
-                if noted != missing:
-                    noted = set(missing)
-                    self._event(event="waiting", what=what, ranks=sorted(missing))
                 continue
             source = status.Get_source()
             seq, their_key, their_row = message
@@ -245,21 +262,25 @@ class MpiSession:
             self.comm.send(verdict, dest=r, tag=_VERDICT_TAG)
         return verdict, rows
 
-    def _receive(self, source, tag, deadline, status=None, on_wait=None):
-        """Poll for one message (sleeping, so that waiting ranks leave the CPU to working ones).
+    def _receive(self, source, tag, until, since, status=None):
+        """Poll for one message until ``until``; None if none came.
 
-        Returns the object, or None at ``deadline`` or, with ``on_wait(seconds)``, when it says so.
+        For the first ``SPIN_S`` since ``since`` it polls and yields the CPU, then sleeps a tenth
+        of the time waited (at most ``MAX_PAUSE_S``): quick when ranks are in step, and a
+        rank that waits long leaves the CPU to the working ones.
         """
-        pause, start = 0.0, time.monotonic()
         while True:
             message = self.comm.improbe(source, tag, status)
             if message is not None:
                 return message.recv()
             now = time.monotonic()
-            if now >= deadline or (on_wait is not None and on_wait(now - start)):
+            if now >= until:
                 return None
-            time.sleep(pause)
-            pause = min(2e-3, pause * 2 + 2e-5)
+            waited = now - since
+            if waited < SPIN_S:
+                os.sched_yield()
+            else:
+                time.sleep(min(MAX_PAUSE_S, waited / 10, until - now))
 
     def _missing_text(self, what, missing, waited):
         logs = (", ".join(self._relative(self.log_path(r)) for r in missing) if len(missing) <= 4
@@ -304,7 +325,7 @@ class MpiSession:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_collection(self, session):
         self._arm(time.monotonic() + self._slow_seconds(),
-                  f"collection timed out after {self._slow_seconds():g} s")
+                  f"collection timed out after {self._slow_seconds():g} s", True)
         self.collect_deadline = time.monotonic() + self._slow_seconds() + GRACE
         yield
 
@@ -343,7 +364,7 @@ class MpiSession:
         self.test_seconds = self._item_timeout(item)
         self.test_deadline = (time.monotonic() + self.test_seconds) if self.test_seconds else float("inf")
         self.phase_reports = []
-        self._arm_test(item)
+        self._arm(self.test_deadline, f"{item.nodeid} timed out after {self.test_seconds:g} s", True)
         self._event(event="start", nodeid=item.nodeid)
         yield
         self._disarm()
@@ -387,10 +408,10 @@ class MpiSession:
     @pytest.hookimpl(hookwrapper=True, tryfirst=True)
     def pytest_sessionfinish(self, session, exitstatus):
         deadline = time.monotonic() + self._slow_seconds() + GRACE
-        self._disarm()
-        verdict, rows = self._exchange_or_abort(("final", "", ""), {"exitstatus": int(session.exitstatus), "why": self.why},
-                                                _report.decide_final, deadline)
-        self._disarm()
+        self._arm(deadline, "the session's end timed out", True)
+        row = {"exitstatus": int(session.exitstatus), "why": self.why}
+        verdict, rows = self._exchange_or_abort(("final", "", ""), row, _report.decide_final, deadline)
+        self._disarm(True)
         session.exitstatus = verdict["exitstatus"]
         self.statuses = verdict["statuses"]
         self._event(event="final", exitstatus=int(verdict["exitstatus"]), statuses=verdict["statuses"])
@@ -422,7 +443,7 @@ class MpiSession:
     def pytest_unconfigure(self, config):
         if self.started and not self.clean and self.size > 1:
             self.abort(f"pytest ended on rank {self.rank} before the ranks agreed on the end of the session")
-        self._disarm()
+        self._disarm(True)
         for stream in (self.log, self.results):
             if stream is not None:
                 stream.flush()
