@@ -49,15 +49,16 @@ def _slots(text, where, line):
     return n
 
 
-def _parse_entry(entry, where):
-    """One host entry in any supported syntax -> Host; ``where`` names the source in errors."""
+def _parse_entry(entry, where, expected=_EXPECTED):
+    """One host entry -> Host; ``where`` names the source in errors. The 'slots=' form is read
+    only where ``expected`` offers it (hostfiles, not -H)."""
     m = _BARE.match(entry)
     if m:
         return Host(m.group(1), 1)
     m = _HYDRA.match(entry)
     if m:
         return Host(m.group(1), _slots(m.group(2), where, entry))
-    m = _OPENMPI.match(entry)
+    m = _OPENMPI.match(entry) if "slots=" in expected else None
     if m:
         fields = {}
         for pair in re.findall(r"([A-Za-z_\-]+)\s*=\s*(\S+)", m.group(2)):
@@ -76,7 +77,7 @@ def _parse_entry(entry, where):
             raise HostfileError(f"{where}: {entry!r} has max_slots={fields['max_slots']} below "
                                 f"slots={slots}; max_slots must be at least slots")
         return Host(m.group(1), slots)
-    raise HostfileError(f"{where}: {entry!r} is not a host entry; expected {_EXPECTED}")
+    raise HostfileError(f"{where}: {entry!r} is not a host entry; expected {expected}")
 
 
 def parse_host_list(text):
@@ -85,7 +86,7 @@ def parse_host_list(text):
     if not text.strip() or any(not e for e in entries):
         raise HostfileError(f"-H {text!r} has an empty entry; expected a comma-separated list "
                             f"like 'node1:2,node2:2'")
-    return merge(_parse_entry(e, f"-H {text!r}") for e in entries)
+    return merge(_parse_entry(e, f"-H {text!r}", "'host' or 'host:slots'") for e in entries)
 
 
 def parse_hostfile(text, name="<hostfile>"):
