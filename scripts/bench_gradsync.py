@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _benchutil as bu  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"
 KiB, MiB = 1 << 10, 1 << 20
@@ -97,12 +100,6 @@ def launch_self(np, argv, timeout):
         proc.wait()
         print(f"mpiexec -n {np} did not finish within {timeout} s; killed", file=sys.stderr)
         return 124
-
-
-def fmt_bytes(n):
-    if n >= MiB:
-        return f"{n / MiB:g}MiB"
-    return f"{n / KiB:g}KiB"
 
 
 # --- gradient sources ---------------------------------------------------------------------------
@@ -187,7 +184,7 @@ def raw_strategies(shapes, comm, seed=0):
         for i in range(0, total, step):
             comm.Allreduce(MPI.IN_PLACE, flat2[i:i + step], op=MPI.SUM)
 
-    return {"raw per-tensor": per_tensor, "raw flat": one_flat, f"raw {fmt_bytes(RAW_PIECE)} pieces": pieces}
+    return {"raw per-tensor": per_tensor, "raw flat": one_flat, f"raw {bu.format_size(RAW_PIECE)} pieces": pieces}
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -264,26 +261,69 @@ def confirm(comm, reps, default, chosen):
     return rows
 
 
+def breakdown(comm, reps, threshold, piece):
+    """What mpidp's exchange costs, one layer at a time, from raw pieces of one flat buffer upwards."""
+    from mpi4py import MPI
+    from mpidp.comm import _buffers, collectives
+
+    rows = []
+    for case, shapes in CASES.items():
+        flat = numpy.ones(sum(int(numpy.prod(s)) for s in shapes), dtype=numpy.float32)
+        sync = mpidp_exchange(gradient_model(shapes), threshold, piece, hooks=False)
+        hooks = mpidp_exchange(gradient_model(shapes), threshold, piece, hooks=True)
+        flats = [b.flat for b in sync.opt.buckets]
+        scale = 1.0 / comm.Get_size()
+
+        def raw_flat_pieces():
+            _buffers.allreduce_pieces(comm, None, flat, MPI.SUM)
+
+        def raw_bucket_pieces():
+            for f in flats:
+                _buffers.allreduce_pieces(comm, None, f, MPI.SUM)
+
+        def raw_bucket_pieces_scaled():
+            for f in flats:
+                _buffers.allreduce_pieces(comm, None, f, MPI.SUM)
+                f *= scale
+
+        def collective(check):
+            def run():
+                old = collectives.set_check(check)
+                for f in flats:
+                    collectives.allreduce_(f, name="bucket")
+                collectives.set_check(old)
+            return run
+
+        steps = {
+            "raw pieces, one flat buffer": raw_flat_pieces,
+            "raw pieces, mpidp's buckets": raw_bucket_pieces,
+            "  + average (x 1/np pass)": raw_bucket_pieces_scaled,
+            "mpidp.allreduce_ per bucket, no check": collective(False),
+            "mpidp.allreduce_ per bucket": collective(True),
+            "DistributedOptimizer.step (engine)": sync,
+            "DistributedOptimizer hooks + step": hooks,
+        }
+        for fn in steps.values():
+            if not hasattr(fn, "prepare"):
+                fn.prepare = lambda: _buffers.set_piece_bytes(piece)
+        result, _ = measure(comm, steps, reps)
+        floor = result["raw pieces, one flat buffer"]
+        for name, sec in result.items():
+            rows.append({"case": case, "strategy": name, "threshold": threshold, "piece": piece,
+                         "buckets": len(flats), "ms": sec * 1e3, "ratio": sec / floor})
+    return rows
+
+
 # --- output -------------------------------------------------------------------------------------
 
-def print_table(rows, out=sys.stdout):
-    print(f"{'case':<10} {'strategy':<26} {'threshold':>9} {'piece':>8} {'ms/step':>9} {'x best raw':>10}",
-          file=out)
-    for r in rows:
-        t = fmt_bytes(r["threshold"]) if r["threshold"] else ""
-        p = fmt_bytes(r["piece"]) if r["piece"] else ""
-        print(f"{r['case']:<10} {r['strategy']:<26} {t:>9} {p:>8} {r['ms']:>9.3f} {r['ratio']:>10.2f}",
-              file=out)
+TABLE = [("case", "case", ""), ("strategy", "strategy", ""), ("threshold_", "threshold", ""),
+         ("piece_", "piece", ""), ("ms", "ms/step", ".3f"), ("ratio", "x best raw", ".2f")]
 
 
-def write_csv(path, rows, extra):
-    import csv
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(extra) + list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({**extra, **r})
+def table_rows(rows):
+    """Rows with sizes spelled for people (threshold_, piece_)."""
+    return [{**r, "threshold_": bu.format_size(r["threshold"]) if r["threshold"] else "",
+             "piece_": bu.format_size(r["piece"]) if r["piece"] else ""} for r in rows]
 
 
 def plot_table(path, rows, np):
@@ -311,8 +351,8 @@ def plot_sweep(path, score, thresholds, pieces, np):
     m = numpy.array([[score[t, p] for p in pieces] for t in thresholds])
     fig, ax = plt.subplots(figsize=(7, 5))
     im = ax.imshow(m, cmap="viridis_r", aspect="auto")
-    ax.set_xticks(range(len(pieces)), [fmt_bytes(p) for p in pieces])
-    ax.set_yticks(range(len(thresholds)), [fmt_bytes(t) for t in thresholds])
+    ax.set_xticks(range(len(pieces)), [bu.format_size(p) for p in pieces])
+    ax.set_yticks(range(len(thresholds)), [bu.format_size(t) for t in thresholds])
     ax.set_xlabel("piece size")
     ax.set_ylabel("fusion threshold")
     for i in range(len(thresholds)):
@@ -342,24 +382,34 @@ def run(args):
     default = (fusion_threshold(), _buffers.piece_bytes())
     chosen = (args.threshold or default[0], args.piece or default[1])
     extra = {"np": np, "mpi": f"{MPI.get_vendor()[0]} {'.'.join(map(str, MPI.get_vendor()[1]))}"}
-    log(f"np={np} {extra['mpi']}; default threshold {fmt_bytes(default[0])}, piece {fmt_bytes(default[1])}")
+    log(f"np={np} {extra['mpi']}; default threshold {bu.format_size(default[0])}, piece {bu.format_size(default[1])}")
     if args.sweep:
         rows, grid = sweep(comm, args.sweep_reps, THRESHOLDS, PIECES, log)
         chosen, score = choose(grid, THRESHOLDS, PIECES)
         if rank == 0:
-            write_csv(FIGURES / "bench_gradsync_sweep.csv", rows, extra)
+            bu.write_csv(FIGURES / "bench_gradsync_sweep.csv", [{**extra, **r} for r in rows])
             plot_sweep(FIGURES / "bench_gradsync_sweep.png", score, THRESHOLDS, PIECES, np)
             best = sorted(score, key=lambda k: score[k])[:8]
             log("sweep: worse-case ratio to best raw (lower is better), best 8:")
             for t, p in best:
-                log(f"  threshold {fmt_bytes(t):>7} piece {fmt_bytes(p):>7}: {score[t, p]:.3f}  "
+                log(f"  threshold {bu.format_size(t):>7} piece {bu.format_size(p):>7}: {score[t, p]:.3f}  "
                     + "  ".join(f"{c} {grid[c, t, p]:.2f}" for c in CASES))
-            log(f"chosen: threshold {fmt_bytes(chosen[0])}, piece {fmt_bytes(chosen[1])}")
+            log(f"chosen: threshold {bu.format_size(chosen[0])}, piece {bu.format_size(chosen[1])}")
+    if args.profile:
+        rows = breakdown(comm, args.reps, *chosen)
+        if rank == 0:
+            cols = TABLE[:2] + [("buckets", "buckets", "")] + TABLE[2:5] + [("ratio", "x first row", ".2f")]
+            bu.print_table(table_rows(rows), cols, title="where mpidp's time goes (medians, slowest rank)")
+            bu.write_csv(FIGURES / "bench_gradsync_profile.csv", [{**extra, **r} for r in rows])
+        mpidp.shutdown()
+        return
     log(f"confirming with {args.reps} fresh reps ...")
     rows = confirm(comm, args.reps, default, chosen)
     if rank == 0:
-        print_table(rows)
-        write_csv(FIGURES / "bench_gradsync.csv", rows, extra)
+        bu.print_table(table_rows(rows), TABLE)
+        if args.markdown:
+            print(bu.markdown_table(table_rows(rows), TABLE))
+        bu.write_csv(FIGURES / "bench_gradsync.csv", [{**extra, **r} for r in rows])
         plot_table(FIGURES / "bench_gradsync.png", rows, np)
         log(f"wrote {FIGURES / 'bench_gradsync.csv'} and .png")
     mpidp.shutdown()
@@ -373,6 +423,9 @@ def main(argv=None):
     ap.add_argument("--sweep-reps", type=int, default=7, help="timed steps per sweep candidate")
     ap.add_argument("--threshold", type=int, default=0, help="fusion threshold (bytes) to compare")
     ap.add_argument("--piece", type=int, default=0, help="piece size (bytes) to compare")
+    ap.add_argument("--profile", action="store_true",
+                    help="break mpidp's step down layer by layer (at --threshold/--piece) instead")
+    ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before the job is killed")
     args = ap.parse_args(argv)
     if not under_mpi() and args.np > 1:

@@ -1,0 +1,204 @@
+"""Weak scaling of a fixed training job: samples/s at np = 1, 2 and 4, with overlap on and off.
+
+    python scripts/bench_scaling.py                    # launches mpiexec -n 1, 2, 4 itself
+    python scripts/bench_scaling.py --model cnn --np 1 2 --batch 32
+
+Each rank trains the same model on its own synthetic batches (a fixed per-rank
+batch, so the global batch grows with np) for a fixed number of steps. Inside
+one job the two modes alternate round by round, so drift hits both alike:
+overlap on (bucket allreduces start from the gradient-ready hooks during
+backward) and overlap off (everything exchanged in step()). Reported per np
+and mode: samples/s over all ranks (median of rounds), scaling efficiency
+(samples/s at N / (N x samples/s at 1, same mode)), the share of
+communication hidden behind backward (``opt.hidden_fraction()``), and
+communication and waiting per step. Every job runs one BLAS thread per rank;
+np above the core count is marked oversubscribed. CSV and PNG go to
+docs/figures/.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _benchutil as bu  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "docs" / "figures"
+_LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_LOCAL", "PRTE_")
+_ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+TABLE = [("np", "np", ""), ("note", "", ""), ("overlap", "overlap", ""), ("samples_s", "samples/s", ".1f"),
+         ("efficiency", "efficiency", ".0%"), ("hidden", "hidden", ".0%"), ("step_ms", "step ms", ".2f"),
+         ("comm_ms", "comm ms/step", ".2f"), ("wait_ms", "wait ms/step", ".2f")]
+
+
+def build(args):
+    """(model, x shape per sample) for --model."""
+    from mpidp import models
+    if args.model == "mlp":
+        return models.mlp(in_features=64, hidden=(args.width, args.width), num_classes=10, seed=0), (64,)
+    if args.model == "cnn":
+        return models.cnn(in_channels=1, image_size=16, channels=(16, 32), num_classes=10, seed=0), (1, 16, 16)
+    raise SystemExit(f"unknown --model {args.model!r}; use mlp or cnn")
+
+
+def worker(args):
+    """One job: rounds of (overlap on, overlap off) training; rank 0 prints a RESULT line of JSON."""
+    import mpidp
+    from mpidp import data, nn, optim
+
+    mpidp.init()
+    rank, size = mpidp.rank(), mpidp.size()
+    model, shape = build(args)
+    mpidp.broadcast_parameters(model, root_rank=0)
+    train = data.synthetic(args.batch * 8, shape=shape, seed=1 + rank)
+    batches = [(train.x[i:i + args.batch], train.y[i:i + args.batch])
+               for i in range(0, len(train.y), args.batch)]
+    inner = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    crit = nn.CrossEntropyLoss()
+    results = {True: [], False: []}
+
+    def run_steps(opt, n, k0):
+        for k in range(n):
+            x, y = batches[(k0 + k) % len(batches)]
+            opt.zero_grad()
+            crit(model(x), y)
+            model.backward(crit.backward())
+            opt.step()
+
+    for r in range(args.rounds):
+        for overlap in (True, False):
+            opt = mpidp.DistributedOptimizer(inner, model=model, overlap=overlap)
+            run_steps(opt, args.warmup, 0)
+            for k in opt.stats:
+                opt.stats[k] = 0 if k in ("steps", "bytes") else 0.0
+            mpidp.barrier()
+            t0 = time.perf_counter()
+            run_steps(opt, args.steps, args.warmup)
+            elapsed = mpidp.allreduce(numpy.array([time.perf_counter() - t0]), op=mpidp.Max)[0]
+            comm = mpidp.allreduce(numpy.array([opt.stats["comm_s"], opt.stats["wait_s"]]), op=mpidp.Max)
+            results[overlap].append({"samples_s": size * args.batch * args.steps / elapsed,
+                                     "step_ms": elapsed / args.steps * 1e3, "hidden": opt.hidden_fraction(),
+                                     "comm_ms": comm[0] / args.steps * 1e3, "wait_ms": comm[1] / args.steps * 1e3})
+            opt.close()
+    if rank == 0:
+        out = {"np": size, "params": model.num_parameters(), "rounds": results}
+        print("RESULT " + json.dumps({**out, "rounds": {str(k): v for k, v in results.items()}}), flush=True)
+    mpidp.shutdown()
+
+
+def launch(np, args, timeout):
+    """Run the worker under ``mpiexec -n np``; its RESULT dict, or None (with the output) on failure."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_VARS)}
+    env.update(_ONE_THREAD)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    cmd = ["mpiexec", "-n", str(np), sys.executable, os.path.abspath(__file__), "--worker",
+           "--model", args.model, "--width", str(args.width), "--batch", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, _ = proc.communicate()
+        print(f"np={np}: killed after {timeout} s\n{out[-3000:]}", file=sys.stderr)
+        return None
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    print(f"np={np}: exit {proc.returncode} without a result\n{out[-3000:]}", file=sys.stderr)
+    return None
+
+
+def summarise(results, cores):
+    """Rows per (np, overlap): medians over rounds and repeats, efficiency against np=1 of the same mode."""
+    rows = []
+    for np in sorted(results):
+        for overlap in ("True", "False"):
+            runs = [r for res in results[np] for r in res["rounds"][overlap]]
+            med = {k: float(numpy.median([r[k] for r in runs])) for k in runs[0]}
+            rows.append({"np": np, "oversubscribed": np > cores, "note": "oversubscribed" if np > cores else "",
+                         "overlap": "on" if overlap == "True" else "off", "runs": len(runs), **med})
+    for row in rows:
+        one = [r for r in rows if r["np"] == 1 and r["overlap"] == row["overlap"]]
+        row["efficiency"] = row["samples_s"] / (row["np"] * one[0]["samples_s"]) if one else float("nan")
+    return rows
+
+
+def plot(path, rows, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, style in (("on", "o-"), ("off", "s--")):
+        mine = [r for r in rows if r["overlap"] == mode]
+        nps = [r["np"] for r in mine]
+        a.plot(nps, [r["samples_s"] for r in mine], style, label=f"overlap {mode}")
+        b.plot(nps, [r["efficiency"] for r in mine], style, label=f"overlap {mode}")
+    one = [r["samples_s"] for r in rows if r["np"] == 1]
+    if one:
+        nps = sorted({r["np"] for r in rows})
+        a.plot(nps, [n * max(one) for n in nps], ":", color="gray", label="ideal")
+    over = [r["np"] for r in rows if r["oversubscribed"]]
+    for ax in (a, b):
+        if over:
+            ax.axvspan(min(over) - 0.5, max(over) + 0.5, color="tab:red", alpha=0.08, label="oversubscribed")
+        ax.set_xlabel("ranks (np)")
+        ax.set_xticks(sorted({r["np"] for r in rows}))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    a.set_ylabel("samples/s (all ranks)")
+    b.set_ylabel("scaling efficiency")
+    b.set_ylim(0, 1.15)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--np", type=int, nargs="+", default=[1, 2, 4], help="rank counts (default 1 2 4)")
+    ap.add_argument("--model", default="mlp", help="mlp (64 -> width -> width -> 10) or cnn (16x16 images)")
+    ap.add_argument("--width", type=int, default=1024, help="mlp hidden width (default 1024: 1.1 M parameters)")
+    ap.add_argument("--batch", type=int, default=64, help="per-rank batch (default 64)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per round and mode (default 20)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per round and mode (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating on/off rounds per job (default 3)")
+    ap.add_argument("--repeats", type=int, default=2, help="jobs per np, np values interleaved (default 2)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per job before it is killed")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    cores = os.cpu_count() or 1
+    results = {}
+    for rep in range(args.repeats):
+        for np in args.np:
+            print(f"repeat {rep + 1}/{args.repeats}: np={np}{' (oversubscribed)' if np > cores else ''} ...",
+                  flush=True)
+            res = launch(np, args, args.timeout)
+            if res is None:
+                return 1
+            results.setdefault(np, []).append(res)
+    rows = summarise(results, cores)
+    params = results[args.np[0]][0]["params"]
+    title = (f"{args.model} ({params:,} parameters), batch {args.batch} per rank, {args.steps} steps x "
+             f"{args.rounds} rounds x {args.repeats} jobs, {cores} cores, one BLAS thread per rank")
+    bu.print_table(rows, TABLE, title=title)
+    stem = FIGURES / f"bench_scaling_{args.model}"
+    bu.write_csv(f"{stem}.csv", [{"model": args.model, "params": params, "batch": args.batch, **r} for r in rows])
+    plot(f"{stem}.png", rows, title)
+    print(f"wrote {stem}.csv and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
