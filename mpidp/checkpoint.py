@@ -10,6 +10,7 @@ name and fsyncs the directory, so a crash mid-save leaves the previous
 checkpoint as it was. Every failure is decided on rank 0 and raised on every
 rank as ``CheckpointError``.
 """
+import errno
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from .errors import CheckpointError
 FORMAT = 1
 _FILE = re.compile(r"^ckpt-(\d{8,})\.npz$")
 _TEMP = re.compile(r"^\.ckpt-.*\.npz\.tmp$")
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 # --- file names -------------------------------------------------------------------------------
@@ -212,8 +214,9 @@ def save(directory, model, optimizer=None, step=0, extra=None, keep=3, sampler=N
             try:
                 path = _write(directory, step, keep, *_collect(model, optimizer, step, extra, sampler, scaler, ranks))
             except Exception as exc:
+                hint = "; free space there or save elsewhere" if getattr(exc, "errno", None) in _NO_ROOM else ""
                 error = (f"could not save checkpoint step {int(step)} in {directory}: {exc}; "
-                         f"the previous checkpoint is unchanged")
+                         f"the previous checkpoint is unchanged{hint}")
         if size > 1:
             path, error = broadcast_object((path, error), name="checkpoint.save.status")
     if error:
