@@ -250,7 +250,8 @@ def _read(path):
     with archive:
         try:
             if "meta" not in archive.files:
-                raise CheckpointError(f"checkpoint {path} has no 'meta' entry; it was not written by mpidp.checkpoint.save")
+                raise CheckpointError(f"checkpoint {path} has no 'meta' entry; "
+                                      f"it was not written by mpidp.checkpoint.save")
             blob = archive["meta"].tobytes()
             if "meta.crc32" not in archive.files or int(archive["meta.crc32"]) != zlib.crc32(blob):
                 raise CheckpointError(f"checkpoint {path} is corrupt: field 'meta' fails its crc32 check")

@@ -129,7 +129,8 @@ def load_npz(path):
     try:
         archive = numpy.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable .npz file ({exc}); write one with numpy.savez(path, x=x, y=y)") from None
+        raise ValueError(f"{path}: not a readable .npz file ({exc}); "
+                         f"write one with numpy.savez(path, x=x, y=y)") from None
     if not hasattr(archive, "files"):
         raise ValueError(f"{path}: holds a single array, not an .npz archive with 'x' and 'y'; "
                          f"write one with numpy.savez(path, x=x, y=y)")

@@ -53,7 +53,7 @@ class DistributedSampler:
         return self.num_samples
 
     def set_epoch(self, epoch):
-        """Select the permutation of ``epoch``; a new epoch starts at its beginning, the current one keeps its position."""
+        """Select the permutation of ``epoch``: a new epoch starts at 0, the current one keeps its position."""
         epoch = int(epoch)
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")

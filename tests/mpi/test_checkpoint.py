@@ -346,3 +346,28 @@ def test_interrupted_and_resumed_training_is_bit_identical(ckdir, rank):
     resumed = model.state_dict()
     for name, value in straight.items():
         assert value.tobytes() == resumed[name].tobytes(), f"{name} differs after resume"
+
+
+def test_device_arrays_round_trip(ckdir, xp):
+    """Model and optimizer state on the array module of the run (CuPy on a GPU) save and load exactly."""
+    class DeviceModel(Model):
+        def __init__(self, seed):
+            super().__init__(seed)
+            self.params = {k: xp.asarray(v) for k, v in self.params.items() if v.dtype != bfloat16}
+
+    class DeviceOptimizer(Optimizer):
+        def load_state_dict(self, state):
+            super().load_state_dict(state)
+            self.state = {i: {k: (xp.asarray(v) if hasattr(v, "dtype") else v) for k, v in e.items()}
+                          for i, e in self.state.items()}
+
+    saved, opt = DeviceModel(0), DeviceOptimizer(0)
+    opt.state[0]["exp_avg"] = xp.asarray(opt.state[0]["exp_avg"])
+    checkpoint.save(ckdir, saved, opt, step=1)
+    fresh, fresh_opt = DeviceModel(4), DeviceOptimizer(4)
+    checkpoint.load(ckdir, fresh, fresh_opt)
+    for k, v in saved.params.items():
+        assert type(fresh.params[k]) is type(v) and fresh.params[k].dtype == v.dtype
+        assert (fresh.params[k] == v).all()
+    assert type(fresh_opt.state[0]["exp_avg"]) is type(opt.state[0]["exp_avg"])
+    assert (fresh_opt.state[0]["exp_avg"] == opt.state[0]["exp_avg"]).all()
