@@ -142,7 +142,7 @@ def plot(rows, path):
     for i, key in enumerate(("layer_ms", "bare_ms", "gemm_ms")):
         ax.bar(pos + (i - 1) * 0.27, [r[key] for r in rows], 0.27, label=key[:-3])
     for p, r in zip(pos, rows):
-        ax.text(p, r["layer_ms"], f"x{r['layer_vs_bare']:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.text(p - 0.27, r["layer_ms"], f"x{r['layer_vs_bare']:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(pos, labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("forward + backward, ms (best of N)")
     ax.set_yscale("log")
