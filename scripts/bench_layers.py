@@ -23,6 +23,7 @@ from mpidp.backend import resolve_module
 
 LINEAR = [(256, 512, 512), (1024, 1024, 1024), (64, 4096, 1024)]          # batch, in, out
 CONV = [(32, 16, 32, 32, 32, 3), (16, 64, 16, 16, 64, 3), (64, 3, 32, 32, 16, 5)]  # N, C, H, W, O, k
+QUICK = [(64, 128, 128)], [(8, 8, 16, 16, 16, 3)]  # a smoke run
 
 
 def _sync(xp):
@@ -158,12 +159,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or gpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--quick", action="store_true", help="first shape of each layer only, 3 repeats")
+    ap.add_argument("--quick", action="store_true", help="one small shape per layer, 3 repeats (smoke test)")
     args = ap.parse_args(argv)
     xp, dtype = resolve_module(args.device), numpy.dtype(args.dtype)
     repeats = 3 if args.quick else args.repeats
-    cases = [(bench_linear, s) for s in LINEAR[:1 if args.quick else None]]
-    cases += [(bench_conv, s) for s in CONV[:1 if args.quick else None]]
+    linear, conv = QUICK if args.quick else (LINEAR, CONV)
+    cases = [(bench_linear, s) for s in linear] + [(bench_conv, s) for s in conv]
     rows = []
     header = f"{'case':34s} {'layer ms':>9s} {'bare ms':>9s} {'gemm ms':>9s} {'layer/bare':>10s} {'layer/gemm':>10s} {'GFLOP/s':>8s}"
     print(f"# device={args.device} dtype={dtype} repeats={repeats}")

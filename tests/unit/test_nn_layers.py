@@ -249,6 +249,9 @@ def test_mse_gradcheck_and_value():
     gradcheck_loss(crit, pred, target)
     assert abs(crit(pred, target) - ((pred - target) ** 2).mean()) < 1e-12
     assert numpy.allclose(crit.backward(), 2 * (pred - target) / 12)
+    crit(pred.astype(numpy.float32), target)
+    d32 = crit.backward()
+    assert d32.dtype == numpy.float32 and close(d32, 2 * (pred - target) / 12, 1e-6)
 
 
 def test_errors_are_clear():
@@ -293,3 +296,14 @@ def test_gpu_matches_cpu(name):
             assert numpy.allclose(cupy.asnumpy(dxg), dx)
         for k, p in module.named_parameters():
             assert numpy.allclose(cupy.asnumpy(p.grad), grads[k]), k
+
+
+def test_bench_layers_quick_run_writes_table(tmp_path):
+    import pathlib
+    import runpy
+    script = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_layers.py"
+    rows = runpy.run_path(str(script))["main"](["--quick", "--out", str(tmp_path)])
+    assert [r["case"].split()[0] for r in rows] == ["Linear", "Conv2d"]
+    assert all(r["layer_ms"] > 0 and r["gemm_ms"] > 0 for r in rows)
+    assert (tmp_path / "bench_layers.csv").read_text().startswith("case,layer_ms")
+    assert (tmp_path / "bench_layers.png").stat().st_size > 1000
