@@ -133,16 +133,15 @@ def _rank_state(model, rng):
     return state
 
 
-def _collect(model, optimizer, step, extra, sampler, scaler, ranks):
+def _collect(model_state, states, step, extra, ranks):
     """(arrays to write, meta) of one checkpoint; runs on rank 0."""
     arrays, trees, signature = {}, {}, []
-    for name, value in model.state_dict().items():
+    for name, value in model_state.items():
         key = f"model/{name}"
         arrays[key] = asnumpy(value)
         signature.append([name, list(arrays[key].shape), arrays[key].dtype.name])
-    for part, obj in (("optim", optimizer), ("sampler", sampler), ("scaler", scaler)):
-        if obj is not None:
-            trees[part] = _encode(obj.state_dict(), part, arrays)
+    for part, state in states.items():
+        trees[part] = _encode(state, part, arrays)
     trees["extra"] = _encode(extra, "extra", arrays)
     trees["ranks"] = _encode(ranks, "rank", arrays)
     dtypes = {}
@@ -207,12 +206,16 @@ def save(directory, model, optimizer=None, step=0, extra=None, keep=3, sampler=N
     directory = os.fspath(directory)
     rank, size = runtime.rank(), runtime.size()
     with timeline.span("checkpoint.save", "io", step=int(step)):
+        # every rank asks for the states: a sharded optimizer's state_dict() is a collective
+        model_state = model.state_dict()
+        states = {part: obj.state_dict() for part, obj in
+                  (("optim", optimizer), ("sampler", sampler), ("scaler", scaler)) if obj is not None}
         local = _rank_state(model, rng)
         ranks = allgather_object(local, name="checkpoint.save.rng") if size > 1 else [local]
         path = error = None
         if rank == 0:
             try:
-                path = _write(directory, step, keep, *_collect(model, optimizer, step, extra, sampler, scaler, ranks))
+                path = _write(directory, step, keep, *_collect(model_state, states, step, extra, ranks))
             except Exception as exc:
                 hint = "; free space there or save elsewhere" if getattr(exc, "errno", None) in _NO_ROOM else ""
                 error = (f"could not save checkpoint step {int(step)} in {directory}: {exc}; "

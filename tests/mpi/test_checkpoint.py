@@ -322,14 +322,17 @@ def _train(model, opt, steps, rank, seed):
     return rng
 
 
-def test_interrupted_and_resumed_training_is_bit_identical(ckdir, rank):
+@pytest.mark.parametrize("wrapper", ["DistributedOptimizer", "ShardedOptimizer"])
+def test_interrupted_and_resumed_training_is_bit_identical(ckdir, rank, wrapper):
     nn = pytest.importorskip("mpidp.nn")
     optim = pytest.importorskip("mpidp.optim")
+    if not hasattr(mpidp, wrapper):
+        pytest.skip(f"mpidp.{wrapper} is not in this tree")
 
     def build():
         nn.manual_seed(11)
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
-        opt = mpidp.DistributedOptimizer(optim.Adam(model.parameters(), lr=1e-2), model=model)
+        opt = getattr(mpidp, wrapper)(optim.Adam(model.parameters(), lr=1e-2), model=model)
         mpidp.broadcast_parameters(model, root_rank=0)
         return model, opt
 
