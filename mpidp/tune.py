@@ -523,7 +523,7 @@ def communication(dist_opt, thresholds=None, pieces=None, reps=5, warmup=1, min_
 
 def _layout(dist_opt, threshold, piece):
     """The MPI calls a (threshold, piece) pair makes: per bucket, its elements and its piece length."""
-    params = dist_opt._params
+    params = _registered(dist_opt)
     plan = plan_buckets(params, threshold, min(_dopt.FIRST_BUCKET_BYTES, threshold))
     calls = []
     for idx in plan:
@@ -532,6 +532,11 @@ def _layout(dist_opt, threshold, piece):
         step = max(1, min(_buffers.MAX_COUNT, piece // item))
         calls.append((elems, step if elems > step else None))
     return tuple(calls)
+
+
+def _registered(dist_opt):
+    """The optimizer's parameters in registration order (its buckets hold them reversed)."""
+    return [p for b in reversed(dist_opt.buckets) for p in reversed(b.params)]
 
 
 def _candidates(dist_opt, ts, ps, current):
