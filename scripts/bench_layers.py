@@ -13,7 +13,6 @@ and a PNG into --out.
 import argparse
 import csv
 import os
-import statistics
 import time
 
 import numpy
@@ -166,7 +165,8 @@ def main(argv=None):
     linear, conv = QUICK if args.quick else (LINEAR, CONV)
     cases = [(bench_linear, s) for s in linear] + [(bench_conv, s) for s in conv]
     rows = []
-    header = f"{'case':34s} {'layer ms':>9s} {'bare ms':>9s} {'gemm ms':>9s} {'layer/bare':>10s} {'layer/gemm':>10s} {'GFLOP/s':>8s}"
+    header = (f"{'case':34s} {'layer ms':>9s} {'bare ms':>9s} {'gemm ms':>9s} {'layer/bare':>10s} "
+              f"{'layer/gemm':>10s} {'GFLOP/s':>8s}")
     print(f"# device={args.device} dtype={dtype} repeats={repeats}")
     print(header)
     for fn, shape in cases:

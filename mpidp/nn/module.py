@@ -310,8 +310,8 @@ class Module:
                 continue
             value = state_dict[key]
             if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"state_dict[{key!r}] has shape {tuple(value.shape)} but the model's "
-                                 f"{key!r} has shape {tuple(target.shape)}; load a state saved from the same architecture")
+                raise ValueError(f"state_dict[{key!r}] has shape {tuple(value.shape)} but the model's {key!r} has "
+                                 f"shape {tuple(target.shape)}; load a state saved from the same architecture")
             target[...] = to_module(value, get_array_module(target))
         return IncompatibleKeys(missing, unexpected)
 

@@ -104,7 +104,7 @@ class StepLR(LambdaLR):
 
 
 def warmup_cosine(optimizer, warmup_steps, total_steps, start_factor=0.0, final_factor=0.0):
-    """LambdaLR: linear warm-up to base_lr over ``warmup_steps``, then cosine to final_factor * base_lr at total_steps."""
+    """LambdaLR: linear warm-up to base_lr over ``warmup_steps``, cosine to final_factor * base_lr at total_steps."""
     up = linear_warmup_factor(warmup_steps, start_factor)
     down = cosine_factor(_positive("total_steps - warmup_steps", total_steps - warmup_steps), final_factor)
     return LambdaLR(optimizer, lambda t: up(t) if t < warmup_steps else down(t - warmup_steps))
