@@ -217,7 +217,7 @@ class Launcher:
         marks = f"mpi and ({option.markexpr})" if option.markexpr else "mpi"
         command = [self.mpiexec, "-n", str(np), sys.executable, "-m", "pytest", "--mpidp", "-m", marks,
                    "--mpidp-timeout", f"{self.timeout:g}", "--mpidp-log-dir", str(logdir),
-                   "--rootdir", str(config.rootpath), "-p", "no:cacheprovider"]
+                   "--rootdir", str(config.rootpath), "-p", "no:cacheprovider", "--color=no"]
         if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
             command += ["-p", "mpidp.testing"]
         if config.inipath is not None:

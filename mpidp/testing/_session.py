@@ -312,7 +312,8 @@ class MpiSession:
     def pytest_report_header(self, config):
         from mpi4py import MPI
 
-        library = MPI.Get_library_version().split("\n")[0].strip()
+        # "MPICH Version:      5.0.2" / "Open MPI v5.0.11, package: ...\0" -> the name and version
+        library = " ".join(MPI.Get_library_version().replace("\0", "").split("\n")[0].split(",")[0].split())
         limit = f"per-test timeout {self.timeout:g} s" if self.timeout else "no per-test timeout"
         lines = [f"mpidp: {self.size} MPI rank{'s' if self.size > 1 else ''} ({library}), {limit}"]
         if self.size > 1:
