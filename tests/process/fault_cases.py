@@ -136,8 +136,9 @@ CASES = [
          args=("--resume", "--hidden", str(HIDDEN + 8)), rc=1, every_rank=True, good_step=4,
          message=r"CheckpointError: checkpoint \S*ckpt-00000004\.npz does not fit the model: parameter '0\.weight'"),
     Case("data_file_deleted", "memory-mapped `.npy` data file deleted mid-run", "data_gone", rank=0,
-         prepare="npy", args=("--npy",), rc=1, good_step=2,
-         message=r"FileNotFoundError: data file \S*x\.npy disappeared during the run"),
+         prepare="npy", args=("--npy",), rc=1, good_step=2, reporter="any",
+         message=r"FileNotFoundError: data file \S*x\.npy disappeared during the run",
+         note="every rank reads the file; the first to miss it ends the job"),
 ]
 
 
@@ -174,6 +175,35 @@ class Result:
             return "n/a"
         state = self.checkpoints.get(case.good_step, "missing")
         return f"yes (step {case.good_step} loads)" if state == "ok" else f"NO (step {case.good_step}: {state})"
+
+
+def problems(case, r):
+    """What ``r`` gets wrong against ``case``'s expectations ([] when the case passes)."""
+    out = []
+    if r.rc is None:
+        return [f"the job hung and was killed after {case.timeout:g} s"]
+    if (r.rc == 0) if case.rc == "nonzero" else (r.rc != case.rc):
+        out.append(f"exit code {r.rc}, expected {case.rc}")
+    if not r.line:
+        out.append(f"no output line matches {case.message!r}")
+    elif case.every_rank and r.ranks != list(range(case.np)):
+        out.append(f"the error must be raised on every rank, seen from {r.ranks}")
+    elif case.reporter is None and case.rank not in r.ranks:
+        out.append(f"rank {case.rank} must report its failure, seen from {r.ranks}")
+    elif isinstance(case.reporter, int) and r.ranks != [case.reporter]:
+        out.append(f"rank {case.reporter} must print it, seen from {r.ranks}")
+    if r.after_fault is not None and r.after_fault >= case.bound_s:
+        out.append(f"the job ended {r.after_fault} s after the fault, bound {case.bound_s:g} s")
+    if case.good_step is not None:
+        if not r.checkpoints.get(case.good_step, "").startswith("ok"):
+            out.append(f"the last good checkpoint (step {case.good_step}) does not load: "
+                       f"{r.checkpoints.get(case.good_step, 'missing')}")
+        for step, state in sorted(r.checkpoints.items()):
+            if step > case.good_step and not state.startswith("ok") and not case.mutate:
+                out.append(f"checkpoint {step} was left unloadable by the fault: {state}")
+    if r.leftovers and case.fault != "save_kill":  # a killed writer leaves its temporary file to the next save
+        out.append(f"temporary files left: {r.leftovers}")
+    return out
 
 
 def seed_checkpoints(directory, runner):
