@@ -29,6 +29,9 @@ SLOW_PHASE_S = 60.0
 SPIN_S = 0.02         # a waiting rank polls without sleeping this long, then sleeps
 MAX_PAUSE_S = 0.005   # ... at most this long between polls
 NOTE_WAIT_S = 0.1     # rank 0 notes in results.jsonl whom it waits for after this long
+# Frames left out of a stuck rank's stack: pytest's, pluggy's and this plugin's.
+_HIDDEN_FRAMES = ("/_pytest/", "/pluggy/", "<frozen runpy>", "/pytest/__main__.py",
+                  f"{os.sep}testing{os.sep}_session.py")
 
 
 def _stacks():
@@ -42,10 +45,6 @@ def _stacks():
                    if not any(part in entry.split("\n")[0] for part in _HIDDEN_FRAMES)]
         parts.append(f"thread {names.get(ident, ident)}, most recent call last:\n" + "".join(entries))
     return "\n".join(parts)
-
-
-_HIDDEN_FRAMES = ("/_pytest/", "/pluggy/", "<frozen runpy>", f"{os.sep}testing{os.sep}_session.py",
-                  "/pytest/__main__.py")
 
 
 class _OutOfStep(Exception):
@@ -247,8 +246,8 @@ class MpiSession:
             if now - start > NOTE_WAIT_S and noted != missing:
                 noted = set(missing)  # for a job that dies now: rank 0 knew whom it waited for
                 self._event(event="waiting", what=what, ranks=sorted(missing))
-            message = self._receive(self.MPI.ANY_SOURCE, _REPORT_TAG,
-                                    min(deadline, max(now, start + NOTE_WAIT_S)), start, status)
+            until = deadline if now >= start + NOTE_WAIT_S else min(deadline, start + NOTE_WAIT_S)
+            message = self._receive(self.MPI.ANY_SOURCE, _REPORT_TAG, until, start, status)
             if message is None:
                 continue
             source = status.Get_source()
