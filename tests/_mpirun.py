@@ -21,6 +21,9 @@ def clean_env(extra=None):
     """This environment without the launcher variables of an enclosing MPI job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LEFTOVERS)}
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # several ranks share 2 cores: multithreaded BLAS in every rank only makes them spin
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env
 
