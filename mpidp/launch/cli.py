@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import NamedTuple
 
@@ -341,9 +342,15 @@ def run_bounded(argv, env=None, deadline=None, grace=GRACE_S):
     mpidprun gets SIGINT/SIGTERM/SIGHUP. Returns (exit code, why): why is 'exit', 'timeout' or
     'signal'; a child killed by signal N gives 128+N, as a shell reports it."""
     received = []
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    try:
+        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    except OSError as exc:
+        raise LaunchError(f"cannot start {argv[0]}: {exc.strerror}") from None
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in handled}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+        previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                    for s in handled}
     try:
         while True:
             step = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
@@ -414,4 +421,8 @@ def main(argv=None):
             if command.hostfile:
                 _say(f"{command.hostfile[0]} would hold:\n{command.hostfile[1]}".rstrip())
         return 0
-    return run(p, timeout=args.timeout, restarts=args.restarts, verbose=args.verbose)
+    try:
+        return run(p, timeout=args.timeout, restarts=args.restarts, verbose=args.verbose)
+    except LaunchError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2

@@ -179,7 +179,7 @@ def build_command(launcher, np, program, hosts=None, env=None, oversubscribe=Fal
         raise LaunchError(f"unknown launcher {launcher!r}; expected one of {', '.join(LAUNCHERS)}")
     syntax = "hydra" if launcher == "mpich" else "openmpi"
     if launcher == "openmpi" and hosts is None:
-        # Open MPI counts cores as slots; a local run of np ranks is given np slots (Horovod's -H localhost:np).
+        # Open MPI counts cores as slots: a local run of np ranks gets np slots (Horovod's -H localhost:np)
         hosts = [Host("localhost", np)]
     hostfile = None
     host_args = []

@@ -125,8 +125,9 @@ def test_repeated_localhost_entries_merge(tmp_path, report):
 
 
 @pytest.mark.spawns
-@pytest.mark.parametrize("text", ["localhost:3", "localhost slots=3",
-                                  "# mixed syntaxes\nlocalhost:1  # trailing comment\n\nlocalhost slots=1\nlocalhost\n"])
+@pytest.mark.parametrize("text", [
+    "localhost:3", "localhost slots=3",
+    "# mixed syntaxes\nlocalhost:1  # trailing comment\n\nlocalhost slots=1\nlocalhost\n"])
 def test_hostfile_in_either_syntax(tmp_path, report, text):
     hostfile = tmp_path / "hosts"
     hostfile.write_text(text + "\n")
