@@ -433,18 +433,22 @@ def save_cache(key, entry, path=None):
     os.replace(tmp, path)
 
 
-def communication(dist_opt, thresholds=None, pieces=None, reps=5, warmup=1, min_gain=0.03,
+def communication(dist_opt, thresholds=None, pieces=None, reps=5, warmup=1, min_gain=0.03, search="coordinate",
                   tune_threshold=None, tune_piece=None, cache=True, cache_path=None, log_path=None,
                   timer=time.perf_counter, log=None):
     """Choose ``dist_opt``'s fusion threshold and the allreduce piece size by timing its real gradients.
 
     Call it between steps, or between ``synchronize()`` and the inner step:
-    the gradients in the buckets are kept. Each candidate (threshold x piece)
-    re-plans the buckets (same order) and times the full exchange ``reps``
-    times after ``warmup``, candidates interleaved rep by rep; a step's time
-    is the slowest rank's and a candidate's the median. Rank 0 picks the
-    fastest, and keeps the current settings unless the fastest beats them by
-    more than ``min_gain`` (0.03 = 3 %), then every rank applies the choice.
+    the gradients in the buckets are kept. A candidate (threshold, piece)
+    re-plans the buckets (same order) and times the whole exchange ``reps``
+    times after ``warmup``, candidates interleaved rep by rep; an exchange's
+    time is the slowest rank's and a candidate's the median. Candidates that
+    make the same MPI calls are timed once. ``search='coordinate'`` times the
+    pieces at the current threshold, then the thresholds at the best piece,
+    then the pieces again (about 15 candidates); ``'grid'`` times every pair.
+    Each stage also times the current settings; rank 0 keeps them unless the
+    fastest beats them by more than ``min_gain`` (0.03 = 3 %), and every rank
+    applies its decision.
     Explicit settings win: the threshold is not tuned when
     MPIDP_FUSION_THRESHOLD is set (or ``tune_threshold=False``, which the
     optimizer passes for an explicit ``fusion_threshold_bytes``), the piece size
@@ -475,40 +479,43 @@ def communication(dist_opt, thresholds=None, pieces=None, reps=5, warmup=1, min_
             return CommResult(*chosen, key, [], True, entry.get("default_ms"), entry.get("tuned_ms"))
     ts = sorted(set(thresholds or THRESHOLDS) | {current[0]}) if tune_threshold else [current[0]]
     ps = sorted(set(pieces or PIECES) | {current[1]}) if tune_piece else [current[1]]
-    pairs = _candidates(dist_opt, ts, ps, current)
+    if search == "grid":
+        stages = [lambda best: [(t, p) for t in ts for p in ps]]
+    elif search == "coordinate":  # piece at the current threshold, threshold at that piece, piece again
+        stages = [lambda best: [(best[0], p) for p in ps], lambda best: [(t, best[1]) for t in ts],
+                  lambda best: [(best[0], p) for p in ps]]
+    else:
+        raise ValueError(f"search must be 'coordinate' or 'grid', got {search!r}")
     grads = [(p, p.grad.copy()) for b in dist_opt.buckets for p in b.params if p.grad is not None]
-    times = numpy.zeros((int(reps), len(pairs)))
+    table, best = [], current
     try:
-        for r in range(-int(warmup), int(reps)):
-            for j, (t, piece) in enumerate(pairs):
-                if t != dist_opt.threshold:
-                    apply_fusion_threshold(dist_opt, t)
-                _buffers.set_piece_bytes(piece)
-                collectives.barrier(set_arg)
-                t0 = timer()
-                exchange(dist_opt)
-                if r >= 0:
-                    times[r, j] = timer() - t0
-        times = collectives.allreduce(times, op=ops.Max, name="tune.communication.times", process_set=set_arg)
-        med = numpy.median(times, axis=0)
-        chosen = current
-        if rank == 0:
-            j = int(numpy.argmin(med))
-            if med[j] < med[pairs.index(current)] * (1.0 - min_gain):
-                chosen = pairs[j]
-        chosen = tuple(broadcast_object(chosen, 0, name="tune.communication.decision", process_set=set_arg))
+        for number, stage in enumerate(stages, 1):
+            pairs = _candidates(dist_opt, stage(best) + [current], current)
+            if len(pairs) < 2:
+                continue
+            med, times = _measure(dist_opt, pairs, reps, warmup, timer)
+            pick = current
+            if rank == 0:
+                j = int(numpy.argmin(med))
+                if med[j] < med[pairs.index(current)] * (1.0 - min_gain):
+                    pick = pairs[j]
+            best = tuple(broadcast_object(pick, 0, name="tune.communication.decision", process_set=set_arg))
+            table += [{"stage": number, "threshold": t, "piece_bytes": piece, "median_ms": med[j] * 1e3,
+                       "min_ms": times[:, j].min() * 1e3, "reps": int(reps), "current": (t, piece) == current}
+                      for j, (t, piece) in enumerate(pairs)]
     finally:
         _buffers.set_piece_bytes(current[1])
         if dist_opt.threshold != current[0]:
             apply_fusion_threshold(dist_opt, current[0])
         for p, g in grads:
             p.grad[...] = g
-    table = [{"threshold": t, "piece_bytes": piece, "median_ms": med[j] * 1e3, "min_ms": times[:, j].min() * 1e3,
-              "reps": int(reps), "current": (t, piece) == current, "chosen": (t, piece) == chosen}
-             for j, (t, piece) in enumerate(pairs)]
+    chosen = best
     _apply(dist_opt, chosen)
-    default_ms = float(med[pairs.index(current)] * 1e3)
-    tuned_ms = float(med[pairs.index(chosen)] * 1e3)
+    last = [r for r in table if r["stage"] == table[-1]["stage"]] if table else []
+    default_ms = next((r["median_ms"] for r in last if r["current"]), None)
+    tuned_ms = next((r["median_ms"] for r in last if (r["threshold"], r["piece_bytes"]) == chosen), default_ms)
+    for r in table:
+        r["chosen"] = r["stage"] == table[-1]["stage"] and (r["threshold"], r["piece_bytes"]) == chosen
     if rank == 0:
         when = datetime.datetime.now().isoformat(timespec="seconds")
         _append_log(log_path or os.path.splitext(cache_path)[0] + ".csv", key, when, table)
@@ -516,9 +523,28 @@ def communication(dist_opt, thresholds=None, pieces=None, reps=5, warmup=1, min_
             save_cache(key, {"fusion_threshold": chosen[0], "piece_bytes": chosen[1], "default_ms": default_ms,
                              "tuned_ms": tuned_ms, "when": when}, cache_path)
         if log is not None:
-            log(f"autotune: threshold {chosen[0]} B, piece {chosen[1]} B: {tuned_ms:.2f} ms per exchange "
-                f"(was {default_ms:.2f} ms at {current[0]} B / {current[1]} B; {len(table)} candidates)")
+            log(f"autotune: threshold {chosen[0]} B, piece {chosen[1]} B: {tuned_ms or 0:.2f} ms per exchange "
+                f"(was {default_ms or 0:.2f} ms at {current[0]} B / {current[1]} B; {len(table)} timings)")
     return CommResult(*chosen, key, table, False, default_ms, tuned_ms)
+
+
+def _measure(dist_opt, pairs, reps, warmup, timer):
+    """(median seconds per pair, times reps x pairs): exchanges interleaved, each the slowest rank's."""
+    set_arg = dist_opt.process_set
+    times = numpy.zeros((int(reps), len(pairs)))
+    for r in range(-int(warmup), int(reps)):
+        for j, (t, piece) in enumerate(pairs):
+            if t != dist_opt.threshold:
+                apply_fusion_threshold(dist_opt, t)
+            _buffers.set_piece_bytes(piece)
+            collectives.barrier(set_arg)
+            t0 = timer()
+            exchange(dist_opt)
+            dt = timer() - t0
+            if r >= 0:
+                times[r, j] = dt
+    times = collectives.allreduce(times, op=ops.Max, name="tune.communication.times", process_set=set_arg)
+    return numpy.median(times, axis=0), times
 
 
 def _layout(dist_opt, threshold, piece):
@@ -539,13 +565,13 @@ def _registered(dist_opt):
     return [p for b in reversed(dist_opt.buckets) for p in reversed(b.params)]
 
 
-def _candidates(dist_opt, ts, ps, current):
-    """(threshold, piece) pairs that make different MPI calls; of equal ones the current, else the first.
+def _candidates(dist_opt, pairs, current):
+    """The ``pairs`` that make different MPI calls; of equal ones the current, else the smallest.
 
     Timing equal candidates against each other would only let noise pick one.
     """
     kept = {}
-    for pair in sorted(((t, p) for t in ts for p in ps), key=lambda pair: (pair != current, pair)):
+    for pair in sorted(set(pairs), key=lambda pair: (pair != current, pair)):
         kept.setdefault(_layout(dist_opt, *pair), pair)
     return sorted(kept.values())
 
@@ -558,7 +584,7 @@ def _apply(dist_opt, chosen):
 
 def _append_log(path, key, when, table):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fields = ["when", "key", "threshold", "piece_bytes", "median_ms", "min_ms", "reps", "current", "chosen"]
+    fields = ["when", "key", "stage", "threshold", "piece_bytes", "median_ms", "min_ms", "reps", "current", "chosen"]
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)

@@ -157,14 +157,15 @@ def cache_path(tmp_path):
     _buffers.set_piece_bytes(0)
 
 
-def fake_exchange_clock(opt, best):
-    """A clock on which an exchange costs 1 s, or 0.5 s at ``best`` (threshold, piece)."""
+def fake_exchange_clock(opt, best=None, cost=None):
+    """A clock on which an exchange costs ``cost(threshold, piece)`` s (default: 0.5 at ``best``, else 1)."""
     clock = Clock()
+    cost = cost or (lambda t, p: 0.5 if (t, p) == best else 1.0)
 
     def timer():
         clock.calls += 1
         if clock.calls % 2 == 0:  # the second reading of a measurement
-            clock.t += 0.5 if (opt.threshold, _buffers.piece_bytes()) == best else 1.0
+            clock.t += cost(opt.threshold, _buffers.piece_bytes())
         return clock.t
     return clock, timer
 
@@ -185,7 +186,7 @@ def test_communication_picks_a_candidate_and_keeps_order(rank, size, cache_path)
     best = (4096, 4096)
     clock, timer = fake_exchange_clock(opt, best)
     result = tune.communication(opt, thresholds=[1024, 4096, 16384], pieces=[4096, 1 << 20], reps=2,
-                                cache_path=cache_path, timer=timer)
+                                search="grid", cache_path=cache_path, timer=timer)
     assert (result.threshold, result.piece_bytes) == best and not result.from_cache
     assert (opt.threshold, _buffers.piece_bytes()) == best
     assert {(r["threshold"], r["piece_bytes"]) for r in result.table} >= {best, current}
@@ -207,6 +208,22 @@ def test_communication_picks_a_candidate_and_keeps_order(rank, size, cache_path)
     opt.synchronize()
     for p, q in zip(ref.parameters(), model.parameters()):
         numpy.testing.assert_allclose(q.grad, mpidp.allreduce(p.grad), rtol=1e-6, atol=1e-7)
+    opt.close()
+
+
+def test_coordinate_search(rank, size, cache_path):
+    model = mlp()
+    opt = mpidp.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.1), model=model,
+                                     fusion_threshold_bytes=1 << 20)
+    backward(model, rank)
+    opt.synchronize()
+    # separable cost, fastest at threshold 4 KiB and piece 4 KiB
+    clock, timer = fake_exchange_clock(opt, cost=lambda t, p: abs(math.log2(t / 4096)) + abs(math.log2(p / 4096)))
+    result = tune.communication(opt, thresholds=[1024, 4096, 16384], pieces=[1024, 4096, 1 << 20], reps=1,
+                                cache=False, log_path=cache_path + ".csv", timer=timer)
+    assert (result.threshold, result.piece_bytes) == (4096, 4096)
+    assert [r["stage"] for r in result.table] == sorted(r["stage"] for r in result.table)
+    assert len(result.table) < 3 * 4 + 1  # fewer timings than the grid of 4 x 4 would take
     opt.close()
 
 
@@ -251,7 +268,7 @@ def test_cache_round_trip(rank, size, cache_path):
     opt.synchronize()
     best = (1024, 4096)
     clock, timer = fake_exchange_clock(opt, best)
-    first = tune.communication(opt, thresholds=[1024, 16384], pieces=[4096, 1 << 20], reps=1,
+    first = tune.communication(opt, thresholds=[1024, 16384], pieces=[4096, 1 << 20], reps=1, search="grid",
                                cache_path=cache_path, timer=timer)
     assert (first.threshold, first.piece_bytes) == best
     if rank == 0:
@@ -259,7 +276,7 @@ def test_cache_round_trip(rank, size, cache_path):
         assert entries[first.key]["fusion_threshold"] == 1024 and entries[first.key]["piece_bytes"] == 4096
         assert f"np={size}|" in first.key
         log = open(cache_path[:-len(".json")] + ".csv").read().splitlines()
-        assert log[0].startswith("when,key,threshold") and len(log) == 1 + len(first.table)
+        assert log[0].startswith("when,key,stage,threshold") and len(log) == 1 + len(first.table)
     opt.close()
     _buffers.set_piece_bytes(0)
     model2 = mlp()
