@@ -151,6 +151,7 @@ class MixedPrecision:
         if model is not None:
             model.to(dtype=self.dtype)
         self._masters = {}  # id(compute param) -> (compute param, master Parameter)
+        self._grad_buffers = {}  # array module name -> float32 scratch for one master's gradient
         self.skipped_steps = 0
         self.last_step_skipped = False
 
@@ -177,13 +178,12 @@ class MixedPrecision:
         if numpy.dtype(p.dtype).itemsize >= self.master_dtype.itemsize:
             return p  # already full precision: it is its own master
         m = Parameter(p.data.astype(self.master_dtype), name=p.name, requires_grad=p.requires_grad)
+        m.grad = None  # bound to a shared buffer only while the master is updated
         return m
 
-    def _swapped(self, groups_pairs, with_grad_only=False):
+    def _swapped(self, groups_pairs):
         """Context: the wrapped optimizer's groups hold the masters instead of the compute parameters."""
-        return _Swap(self.optimizer.param_groups, [
-            [m for p, m in pairs if not with_grad_only or (p.grad is not None and p.requires_grad)]
-            for pairs in groups_pairs])
+        return _Swap(self.optimizer.param_groups, [[m for _, m in pairs] for pairs in groups_pairs])
 
     def refresh_masters(self):
         """Copy the compute parameters into the masters (after loading weights into the model)."""
@@ -203,32 +203,50 @@ class MixedPrecision:
         return self.scaler.scale_loss(x)
 
     def step(self):
-        """Unscale into the masters; skip on every rank if any rank saw inf/NaN; else step and cast back."""
+        """Skip on every rank if any rank's gradients hold inf/NaN; else unscale into float32, step, cast back.
+
+        Masters are updated one at a time through one reused float32 gradient
+        buffer, so float32 gradients cost the largest parameter, not the model.
+        """
         groups = self._pairs()
-        inv = 1.0 / self.scaler.scale
-        found = False
-        for pairs in groups:
-            for p, m in pairs:
-                if p.grad is None or not p.requires_grad:
-                    continue
-                if m is p:
-                    p.grad *= inv
-                else:
-                    m.grad[...] = p.grad
-                    m.grad *= inv
-                found = found or not _finite(m.grad)
+        inv = 1.0 / self.scaler.scale  # the scale this backward used (update() may change it below)
+        found = any(not _finite(p.grad) for pairs in groups for p, _ in pairs
+                    if p.grad is not None and p.requires_grad)
         found = overflow_everywhere(found, self.process_set)
         self.scaler.update(found)
         self.last_step_skipped = found
         if found:
             self.skipped_steps += 1
             return
-        with self._swapped(groups, with_grad_only=True):
-            self.optimizer.step()
-        for pairs in groups:
+        own = [[m for p, m in pairs if m is p and p.grad is not None and p.requires_grad] for pairs in groups]
+        for ps in own:
+            for p in ps:
+                p.grad *= inv
+        if any(own):
+            with _Swap(self.optimizer.param_groups, own):
+                self.optimizer.step()
+        for gi, pairs in enumerate(groups):
+            only = [[] for _ in groups]
             for p, m in pairs:
-                if m is not p and p.requires_grad:
-                    p.data[...] = m.data
+                if m is p or p.grad is None or not p.requires_grad:
+                    continue
+                g = self._scratch(m)
+                g[...] = p.grad
+                g *= inv
+                m.grad = g
+                only[gi] = [m]
+                with _Swap(self.optimizer.param_groups, only):
+                    self.optimizer.step()
+                m.grad = None
+                p.data[...] = m.data
+
+    def _scratch(self, m):
+        """A float32 view shaped like ``m`` into one buffer that fits the largest master."""
+        xp = get_array_module(m.data)
+        buf = self._grad_buffers.get(xp.__name__)
+        if buf is None or buf.size < m.size:
+            buf = self._grad_buffers[xp.__name__] = xp.empty(max(m.size, 1), dtype=self.master_dtype)
+        return buf[:m.size].reshape(m.shape)
 
     def zero_grad(self):
         """Zero the compute parameters' gradients (the masters' are overwritten every step)."""

@@ -127,7 +127,9 @@ class ShardedOptimizer:
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         self._orig_params = [list(g["params"]) for g in groups]  # state_dict indices refer to these
         self.threshold = int(bucket_bytes or fusion_threshold())
-        plan = _plan(params, lambda p: (group_of[id(p)], numpy.dtype(p.dtype).str), self.threshold,
+        # one group, dtype and array module per bucket (offloaded parameters live on the host)
+        plan = _plan(params, lambda p: (group_of[id(p)], numpy.dtype(p.dtype).str,
+                                        get_array_module(p.data).__name__), self.threshold,
                      min(FIRST_BUCKET_BYTES, self.threshold))
         self.buckets = [_Bucket(b, [params[i] for i in idx], [names[i] for i in idx],
                                 group_of[id(params[idx[0]])], self._size, self._rank)

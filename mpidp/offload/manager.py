@@ -69,23 +69,23 @@ class _SyncCopies:
     kind = "sync"
 
     def __init__(self):
-        self.copy_s = 0.0
+        self.seconds = {"h2d": 0.0, "d2h": 0.0}  # time spent copying, per direction
 
     def h2d(self, dst, src, fence=None):
         t0 = time.perf_counter()
         numpy.copyto(dst, src)
-        self.copy_s += time.perf_counter() - t0
+        self.seconds["h2d"] += time.perf_counter() - t0
         return _DONE
 
     def d2h(self, dst, src):
         t0 = time.perf_counter()
         numpy.copyto(dst, src)
-        self.copy_s += time.perf_counter() - t0
+        self.seconds["d2h"] += time.perf_counter() - t0
 
     def add_d2h(self, host, dev):
         t0 = time.perf_counter()
         host += dev
-        self.copy_s += time.perf_counter() - t0
+        self.seconds["d2h"] += time.perf_counter() - t0
 
     def fence(self):
         return None
@@ -126,7 +126,7 @@ class _ThreadCopies(_SyncCopies):
             dst, src, ticket = job
             t0 = time.perf_counter()
             numpy.copyto(dst, src)
-            self.copy_s += time.perf_counter() - t0
+            self.seconds["h2d"] += time.perf_counter() - t0
             ticket.event.set()
 
     def h2d(self, dst, src, fence=None):
@@ -159,36 +159,38 @@ class _StreamCopies:
     def __init__(self, cp):
         self.cp = cp
         self.stream = cp.cuda.Stream(non_blocking=True)
-        self._timed = []   # (start, end) event pairs not yet summed
-        self._copy_s = 0.0
+        self._timed = []   # (direction, start, end) events not yet summed
+        self._seconds = {"h2d": 0.0, "d2h": 0.0}
 
     @property
-    def copy_s(self):
+    def seconds(self):
+        """Copy-stream time per direction, from CUDA events (synchronises the copy stream)."""
         if self._timed:
-            self._timed[-1][1].synchronize()
-            self._copy_s += sum(self.cp.cuda.get_elapsed_time(a, b) for a, b in self._timed) / 1e3
+            self._timed[-1][2].synchronize()
+            for direction, a, b in self._timed:
+                self._seconds[direction] += self.cp.cuda.get_elapsed_time(a, b) / 1e3
             self._timed = []
-        return self._copy_s
+        return self._seconds
 
-    def _timed_copy(self, fn):
+    def _timed_copy(self, direction, fn):
         start, end = self.cp.cuda.Event(), self.cp.cuda.Event()
         start.record(self.stream)
         fn()
         end.record(self.stream)
-        self._timed.append((start, end))
+        self._timed.append((direction, start, end))
         return end
 
     def h2d(self, dst, src, fence=None):
         if fence is not None:  # the buffer's last reader on the compute stream must be done with it
             self.stream.wait_event(fence)
-        return _EventTicket(self._timed_copy(lambda: dst.set(src, stream=self.stream)))
+        return _EventTicket(self._timed_copy("h2d", lambda: dst.set(src, stream=self.stream)))
 
     def _after_compute(self):
         self.stream.wait_event(self.cp.cuda.get_current_stream().record())
 
     def d2h(self, dst, src):
         self._after_compute()
-        self._timed_copy(lambda: src.get(stream=self.stream, out=dst, blocking=False))
+        self._timed_copy("d2h", lambda: src.get(stream=self.stream, out=dst, blocking=False))
         self.stream.synchronize()
 
     def add_d2h(self, host, dev):
@@ -288,7 +290,7 @@ class OffloadManager:
             self._copies = _StreamCopies(cp)
             alloc = lambda n: cp.empty(n, dtype=numpy.uint8)  # noqa: E731
         else:
-            copies = copies or ("thread" if self.prefetch else "sync")
+            copies = copies or "sync"  # measured: a copy thread costs more than it hides at CPU memcpy speed
             if copies not in ("sync", "thread"):
                 raise ValueError(f"copies must be 'sync' or 'thread' on a CPU, got {copies!r}")
             self._copies = _ThreadCopies() if copies == "thread" else _SyncCopies()
@@ -316,6 +318,7 @@ class OffloadManager:
         self._state_homes = {}  # (id(param), key) -> host array of an optimizer state entry
         self._wrapped = False
         self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "h2d_copies": 0, "d2h_copies": 0, "wait_s": 0.0,
+                      "issue_s": 0.0,
                       "demand_fetches": 0, "prefetches": 0, "prefetch_hits": 0, "cache_hits": 0,
                       "evictions": 0, "skipped_prefetches": 0}
         self._hooks = [model.register_forward_pre_hook(self._on_pass)]
@@ -461,8 +464,10 @@ class OffloadManager:
             e.buf, e.fence = item
             e.dev = e.view(e.buf)
         src = e.param.data  # not pinned (a pinned entry is always valid): the host array
+        t0 = time.perf_counter()
         with _span("offload h2d", "copy", param=e.name, bytes=e.nbytes):
             e.ticket = self._copies.h2d(e.dev, src, e.fence)
+        self.stats["issue_s"] += time.perf_counter() - t0  # the whole copy when copies are synchronous
         e.src, e.epoch, e.prefetched = src, self.epoch, not demand
         self.stats["h2d_bytes"] += e.nbytes
         self.stats["h2d_copies"] += 1
@@ -566,8 +571,10 @@ class OffloadManager:
                     f"optimizer_on='host'")
             items.append(item)
         devs = [buf.view(h.dtype).reshape(h.shape) for (buf, _), h in zip(items, hosts)]
+        t0 = time.perf_counter()
         for d, h, (_, fence) in zip(devs, hosts, items):
             self._copies.h2d(d, h, fence).wait()
+        self.stats["wait_s"] += time.perf_counter() - t0
         self.stats["h2d_bytes"] += need
         self.stats["h2d_copies"] += len(hosts)
         p.data, p.grad = devs[0], devs[1]
@@ -589,10 +596,18 @@ class OffloadManager:
 
     # -- reporting and teardown -------------------------------------------------------------------
     def statistics(self):
-        """Bytes moved each way, copy and wait seconds, share of copy time hidden, device high-water marks."""
+        """Bytes and seconds of copies each way, time compute waited for them, share of host->device copy
+        time hidden behind compute, achieved GB/s, device high-water marks."""
         s = dict(self.stats)
-        s["copy_s"] = self._copies.copy_s
-        s["hidden_fraction"] = max(0.0, 1.0 - s["wait_s"] / s["copy_s"]) if s["copy_s"] > 0 else 0.0
+        seconds = self._copies.seconds
+        s["h2d_s"], s["d2h_s"] = seconds["h2d"], seconds["d2h"]
+        s["copy_s"] = s["h2d_s"] + s["d2h_s"]
+        # compute is held up by host->device copies while it issues them (all of a synchronous copy) and
+        # while it waits for them; device->host gradient copies are synchronous and never hidden
+        s["exposed_s"] = s["wait_s"] + s["issue_s"]
+        s["hidden_fraction"] = min(1.0, max(0.0, 1.0 - s["exposed_s"] / s["h2d_s"])) if s["h2d_s"] > 0 else 0.0
+        s["h2d_gbps"] = s["h2d_bytes"] / s["h2d_s"] / 1e9 if s["h2d_s"] > 0 else 0.0
+        s["d2h_gbps"] = s["d2h_bytes"] / s["d2h_s"] / 1e9 if s["d2h_s"] > 0 else 0.0
         s["peak_device_bytes"] = self.pool.peak
         s["peak_in_use_bytes"] = self.pool.peak_in_use
         s["device_bytes"] = self.pool.allocated
@@ -605,6 +620,9 @@ class OffloadManager:
     def reset_statistics(self):
         for key in self.stats:
             self.stats[key] = 0.0 if key.endswith("_s") else 0
+        seconds = self._copies.seconds
+        for key in seconds:
+            seconds[key] = 0.0
         self.pool.peak, self.pool.peak_in_use = self.pool.allocated, self.pool.in_use
 
     def close(self):
