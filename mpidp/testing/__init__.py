@@ -2,8 +2,8 @@
 
 Registered as a ``pytest11`` entry point, so every pytest run on a machine with mpidp loads
 this module. It does nothing costly unless asked: MPI mode is on with ``--mpidp`` on the
-command line (or in ``addopts`` / ``PYTEST_ADDOPTS``) or the ini option ``mpidp = true``, and
-launcher mode with ``--mpidp-np``. ``-p mpidp.testing`` only loads the plugin (needed where
+command line (or in ``addopts`` / ``PYTEST_ADDOPTS``), the ini option ``mpidp = true``, or
+``mpidp = auto`` in a process started by mpiexec; launcher mode with ``--mpidp-np``. ``-p mpidp.testing`` only loads the plugin (needed where
 ``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` is set); it turns nothing on.
 
 In MPI mode (``_session.py``) every rank agrees on each test's outcome, rank 0 prints the one
@@ -51,7 +51,8 @@ def pytest_addoption(parser):
                          f"killed (default {DEFAULT_LAUNCH_TIMEOUT_S:g})")
     group.addoption("--mpidp-mpiexec", default=None, metavar="PATH",
                     help="--mpidp-np: the mpiexec to run (default: next to sys.executable, then PATH)")
-    parser.addini("mpidp", type="bool", default=False, help="turn on mpidp's MPI mode for every run")
+    parser.addini("mpidp", default="false",
+                  help="MPI mode: true (every run), auto (runs started by mpiexec) or false")
     parser.addini("mpidp_timeout", default=str(DEFAULT_TIMEOUT_S),
                   help="default of --mpidp-timeout")
     parser.addini("mpidp_log_dir", default="", help="default of --mpidp-log-dir (relative to rootdir)")
@@ -63,8 +64,17 @@ def launched_by_mpiexec():
 
 
 def mpi_mode_requested(config):
-    """The activation rule of MPI mode: ``--mpidp`` or the ini option ``mpidp = true``."""
-    return bool(config.getoption("mpidp") or config.getini("mpidp"))
+    """The activation rule of MPI mode: ``--mpidp``, or the ini option ``mpidp = true`` or ``auto``."""
+    if config.getoption("mpidp"):
+        return True
+    value = str(config.getini("mpidp")).strip().lower()
+    if value in ("auto",):
+        return launched_by_mpiexec()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise pytest.UsageError(f"ini option mpidp={value!r} is not true, false or auto")
 
 
 def _log_dir(config):

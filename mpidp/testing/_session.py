@@ -316,7 +316,8 @@ class MpiSession:
         limit = f"per-test timeout {self.timeout:g} s" if self.timeout else "no per-test timeout"
         lines = [f"mpidp: {self.size} MPI rank{'s' if self.size > 1 else ''} ({library}), {limit}"]
         if self.size > 1:
-            lines.append(f"mpidp: this is rank 0's report; the other ranks write to {self.log_names()}")
+            lines.append(f"mpidp: this is rank 0's report; the other ranks write to {self.log_names()}; "
+                         f"progress in {self._relative(self.logdir / 'results.jsonl')}")
         return lines
 
     def pytest_sessionstart(self, session):

@@ -21,9 +21,9 @@ ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "MPIR_CVAR_ENABLE_HEAVY_YIELD": "1
        "COLUMNS": "200"}  # summary lines are cut to the terminal width
 
 
-def pytest_job(tmp_path, case, *args, np=None, timeout=60):
+def pytest_job(tmp_path, case, *args, np=None, ini="", timeout=60):
     """Run pytest on plugin_cases/<case>.py (under ``mpiexec -n np`` if np); (rc, out, seconds)."""
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "pytest.ini").write_text(f"[pytest]\n{ini}\n")
     shutil.copy(CASES / f"{case}.py", tmp_path / "test_case.py")
     return run(python("-m", "pytest", "-p", "mpidp.testing", "-rfEsxX", *args), np=np,
                timeout=timeout, env=ENV, cwd=tmp_path)
@@ -89,7 +89,7 @@ def test_import_error_on_one_rank_ends_the_job(tmp_path):
 
 
 def test_session_fixture_error_on_one_rank_errors_everywhere(tmp_path):
-    rc, out, seconds = pytest_job(tmp_path, "session_fixture", "--mpidp", np=3)
+    rc, out, seconds = pytest_job(tmp_path, "session_fixture", np=3, ini="mpidp = auto")
     assert rc == 1, out
     assert seconds < 15, f"took {seconds:.1f} s"
     assert "ERROR test_case.py::test_uses_resource - [rank 2] RuntimeError: planted fixture failure" in out
@@ -142,7 +142,7 @@ def test_the_launcher_runs_marked_tests_at_each_size(tmp_path):
 
 
 def test_without_mpidp_the_plugin_is_inert(tmp_path):
-    rc, out, seconds = pytest_job(tmp_path, "inert")
+    rc, out, seconds = pytest_job(tmp_path, "inert", ini="mpidp = auto")  # auto: only under mpiexec
     assert rc == 0, out
     assert "needs at least 2 MPI ranks, running with 1" in out
     assert "mpidp:" not in out and not (tmp_path / ".mpidp-pytest").exists()
