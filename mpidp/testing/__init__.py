@@ -3,8 +3,9 @@
 Registered as a ``pytest11`` entry point, so every pytest run on a machine with mpidp loads
 this module. It does nothing costly unless asked: MPI mode is on with ``--mpidp`` on the
 command line (or in ``addopts`` / ``PYTEST_ADDOPTS``), the ini option ``mpidp = true``, or
-``mpidp = auto`` in a process started by mpiexec; launcher mode with ``--mpidp-np``. ``-p mpidp.testing`` only loads the plugin (needed where
-``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` is set); it turns nothing on.
+``mpidp = auto`` in a process started by mpiexec; launcher mode with ``--mpidp-np``.
+``-p mpidp.testing`` only loads the plugin (needed where ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``
+is set); it turns nothing on.
 
 In MPI mode (``_session.py``) every rank agrees on each test's outcome, rank 0 prints the one
 report, ranks > 0 write theirs to ``.mpidp-pytest/rank-<r>.log`` and a rank that hangs or
@@ -119,7 +120,7 @@ def pytest_configure(config):
 
 
 def world_size():
-    """COMM_WORLD's size without initialising MPI: from mpi4py if it is up, else the launcher's environment."""
+    """COMM_WORLD's size without initialising MPI: from mpi4py if it is up, else from the environment."""
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         return mpi.COMM_WORLD.Get_size()
@@ -142,7 +143,8 @@ def pytest_collection_modifyitems(config, items):
         min_size = int(marker.kwargs.get("min_size", 1))
         size = world_size() if size is None else size
         if size < min_size:
-            item.add_marker(pytest.mark.skip(reason=f"needs at least {min_size} MPI ranks, running with {size}"))
+            reason = f"needs at least {min_size} MPI ranks, running with {size}"
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
@@ -167,7 +169,10 @@ def size(comm):
 
 @pytest.fixture(scope="session")
 def process_set(size):
-    """An ``mpidp.ProcessSet`` of every rank (initialises mpidp if needed); skipped where mpidp's comm layer is missing."""
+    """An ``mpidp.ProcessSet`` of every rank (initialises mpidp first if needed).
+
+    Skipped with the reason where mpidp's comm layer cannot be imported.
+    """
     try:
         import mpidp
 

@@ -66,7 +66,8 @@ def parse_sizes(text):
     except ValueError:
         sizes = []
     if not sizes or min(sizes) < 1:
-        raise pytest.UsageError(f"--mpidp-np {text!r} is not a list of rank counts; write e.g. --mpidp-np 2,4")
+        raise pytest.UsageError(f"--mpidp-np {text!r} is not a list of rank counts; "
+                                "write e.g. --mpidp-np 2,4")
     return list(dict.fromkeys(sizes))
 
 
@@ -94,7 +95,8 @@ class Run:
         self.current = starts[-1] if starts and starts[-1] not in self.results else None
 
     def header(self):
-        return f"mpiexec -n {self.np} ... pytest --mpidp: exit code {self.returncode} after {self.seconds:.1f} s"
+        return (f"mpiexec -n {self.np} ... pytest --mpidp: exit code {self.returncode} "
+                f"after {self.seconds:.1f} s")
 
     def why_it_ended(self):
         """What is known about a job that ended without agreeing on its end."""

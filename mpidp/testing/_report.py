@@ -144,7 +144,7 @@ def ranks_repr(verdict, rows, seconds=None):
                      [(ranks, text) for text, ranks in groups.items()], crash)
 
 
-def apply(report, verdict, rows=None, rank=0, seconds=None):
+def apply(report, verdict, rows=None, seconds=None):
     """Rewrite this rank's report to the agreed outcome; ``rows`` only on rank 0."""
     outcome = verdict["outcome"]
     report.duration = verdict["duration"]
@@ -177,7 +177,7 @@ def apply(report, verdict, rows=None, rank=0, seconds=None):
             report.sections.append(("mpidp", verdict["note"]))
 
 
-def test_outcome(reports):
+def overall_outcome(reports):
     """One word for a whole test from its agreed phase reports (as pytest's summary counts it)."""
     for rep in reports:
         if rep.failed:

@@ -370,7 +370,7 @@ class MpiSession:
         yield
         self._disarm()
         if self.results is not None and self.phase_reports:
-            outcome = _report.test_outcome(self.phase_reports)
+            outcome = _report.overall_outcome(self.phase_reports)
             self.counts[outcome] = self.counts.get(outcome, 0) + 1
             bad = [rep for rep in self.phase_reports if rep.failed or rep.skipped]
             self._event(event="result", nodeid=item.nodeid, outcome=outcome,
@@ -396,7 +396,7 @@ class MpiSession:
                                           self.test_deadline + GRACE)
         except _OutOfStep as exc:
             self.abort(str(exc))
-        _report.apply(report, verdict, rows, self.rank, self.test_seconds)
+        _report.apply(report, verdict, rows, self.test_seconds)
         self.phase_reports.append(report)
         if verdict.get("timed_out"):
             # The ranks that timed out abort the job a grace from now; say it properly first.
