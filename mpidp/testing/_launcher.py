@@ -235,8 +235,9 @@ class Launcher:
             command += ["--deselect", path]
         for path in option.ignore or []:
             command += ["--ignore", path]
-        if config.args_source == pytest.Config.ArgsSource.ARGS:
-            command += list(config.args)
+        source = getattr(config, "args_source", None)  # pytest >= 7.2
+        if source is None or source == pytest.Config.ArgsSource.ARGS:
+            command += list(config.args)  # else the child finds the same testpaths or folder
         return command
 
     def run(self, np):
