@@ -114,13 +114,24 @@ class MpiSession:
         return os.path.join(self._relative(self.logdir), f"rank-{{1..{self.size - 1}}}.log")
 
     def _redirect_terminal(self):
-        """Send this rank's whole pytest report to its log file instead of the shared terminal."""
+        """Send this rank's whole pytest report to its log file, and leave --junitxml to rank 0.
+
+        Every rank writing the same JUnit file left whichever rank wrote last, without the
+        tracebacks that only rank 0 has.
+        """
         pm = self.config.pluginmanager
         old = pm.get_plugin("terminalreporter")
-        if old is None:
+        if old is not None:
+            pm.unregister(old)
+            pm.register(pytest.TerminalReporter(self.config, self.log), "terminalreporter")
+        try:
+            from _pytest.junitxml import xml_key
+        except ImportError:
             return
-        pm.unregister(old)
-        pm.register(pytest.TerminalReporter(self.config, self.log), "terminalreporter")
+        xml = self.config.stash.get(xml_key, None)
+        if xml is not None:
+            del self.config.stash[xml_key]
+            pm.unregister(xml)
 
     def _say(self, text):
         """Write a line to the real stderr (and this rank's log): for messages before an abort."""

@@ -42,7 +42,7 @@ def rank_log(tmp_path, rank, folder=".mpidp-pytest"):
 def outcomes(tmp_path_factory):
     """One np=3 run of plugin_cases/outcomes.py, shared by the tests that read it."""
     tmp_path = tmp_path_factory.mktemp("outcomes")
-    rc, out, seconds = pytest_job(tmp_path, "outcomes", "--mpidp", np=3)
+    rc, out, seconds = pytest_job(tmp_path, "outcomes", "--mpidp", "--junitxml=junit.xml", np=3)
     return tmp_path, rc, out, seconds
 
 
@@ -63,6 +63,8 @@ def test_a_failure_on_one_rank_fails_on_every_rank(outcomes):
         assert "1 failed, 4 passed, 2 skipped, 1 xfailed" in log, log
     assert "failed on rank 1 of 3; rank 0's report has the tracebacks" in rank_log(tmp_path, 2)
     assert "planted failure on rank 1" in rank_log(tmp_path, 1)
+    # only rank 0 writes the JUnit file, with the failing rank's message
+    assert 'message="[rank 1] AssertionError: planted failure on rank 1' in (tmp_path / "junit.xml").read_text()
     # the run went on after the failure
     assert {e["nodeid"]: e["outcome"] for e in events(tmp_path) if e["event"] == "result"}[
         "test_case.py::test_runs_after_the_failure"] == "passed"
