@@ -148,3 +148,14 @@ def test_without_mpidp_the_plugin_is_inert(tmp_path):
     assert rc == 0, out
     assert "needs at least 2 MPI ranks, running with 1" in out
     assert "mpidp:" not in out and not (tmp_path / ".mpidp-pytest").exists()
+
+
+def test_the_example_file_passes_under_mpiexec(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "test_example_mpi.py"
+    shutil.copy(example, tmp_path / "test_example_mpi.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    rc, out, seconds = run(python("-m", "pytest", "-p", "mpidp.testing", "--mpidp", "-rs"), np=2,
+                           timeout=60, env=ENV, cwd=tmp_path)
+    assert rc == 0, out
+    assert "5 passed, 1 skipped" in out and "needs at least 4 MPI ranks, running with 2" in out
+    assert seconds < 20, f"took {seconds:.1f} s"
