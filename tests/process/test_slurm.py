@@ -4,7 +4,10 @@ scripts/slurm/train.sbatch submitted to a real single-node Slurm started here.
 The Slurm fixture needs Debian's slurm-wlm (slurmctld, slurmd, sbatch, ...) and
 root; it skips, saying which, when either is missing:
     apt-get install -y --no-install-recommends slurm-wlm
+Authentication is auth/none where that plugin exists (Debian 12's Slurm 22.05),
+else a private munged (the munge package comes with slurm-wlm).
 """
+import glob
 import json
 import os
 import re
@@ -13,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -254,13 +258,49 @@ def _processes_with(marker):
     return found
 
 
+_PLUGIN_DIRS = ("/usr/lib/*/slurm-wlm", "/usr/lib/*/slurm", "/usr/lib64/slurm", "/usr/lib/slurm",
+                "/usr/local/lib/slurm")
+
+
+def _auth():
+    """'none' where Slurm has the auth/none plugin (no daemon needed), else 'munge' where munged
+    is installed, else None. MPIDP_TEST_SLURM_AUTH=none|munge chooses."""
+    forced = os.environ.get("MPIDP_TEST_SLURM_AUTH")
+    if forced:
+        return forced
+    if any(glob.glob(os.path.join(d, "auth_none.so")) for d in _PLUGIN_DIRS):
+        return "none"
+    return "munge" if _find("munged") and _find("munge") else None
+
+
+def _start_munge(daemons):
+    """A private munged (own key and socket); returns the socket path."""
+    # munged wants every directory above its socket searchable by all, unlike pytest's tmp (0700)
+    root = Path(tempfile.mkdtemp(prefix="mpidp-munge-"))
+    root.chmod(0o711)
+    key = root / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    sock = root / "munge.socket"
+    daemons.append(subprocess.Popen(
+        [_find("munged"), "-F", f"--key-file={key}", f"--socket={sock}", f"--pid-file={root}/pid",
+         f"--log-file={root}/munged.log", f"--seed-file={root}/seed"],
+        stdout=subprocess.DEVNULL, stderr=open(root / "munged.stderr", "w"),
+        stdin=subprocess.DEVNULL, start_new_session=True))
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if time.monotonic() > deadline or daemons[-1].poll() is not None:
+            pytest.fail(f"munged did not start: {(root / 'munged.stderr').read_text()}")
+        time.sleep(0.05)
+    return sock, root
+
+
 SLURM_CONF = """\
 ClusterName=mpidptest
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-AuthType=auth/none
-CredType=cred/none
+{auth}
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 StateSaveLocation={root}/state
@@ -299,19 +339,28 @@ def slurm(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the one-node Slurm runs slurmd, which starts jobs as their user, so it needs "
                     "root; this suite runs as uid %d" % os.geteuid())
+    auth = _auth()
+    if auth is None:
+        pytest.skip("this Slurm has no auth/none plugin and munge is not installed; "
+                    "apt-get install -y munge")
     root = tmp_path_factory.mktemp("slurm")
     for sub in ("state", "spool", "dev"):
         (root / sub).mkdir()
+    daemons, munge_dir = [], None
+    if auth == "munge":
+        sock, munge_dir = _start_munge(daemons)
+        auth_lines = f"AuthType=auth/munge\nAuthInfo=socket={sock}\nCredType=cred/munge"
+    else:
+        auth_lines = "AuthType=auth/none\nCredType=cred/none"
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
     conf.write_text(SLURM_CONF.format(host=host, root=root, ctld_port=_free_port(),
-                                      d_port=_free_port()))
+                                      d_port=_free_port(), auth=auth_lines))
     # GPUs as plain files: slurmd logs that they are no devices, and counts them anyway
     (root / "gres.conf").write_text(f"NodeName={host} Name=gpu File={root}/dev/gpu[0-3]\n")
     for i in range(4):
         (root / "dev" / f"gpu{i}").touch()
     env = clean_env({"SLURM_CONF": conf})
-    daemons = []
     for name, args in (("slurmctld", ["-D", "-c"]), ("slurmd", ["-D", "-N", host])):
         log = open(root / f"{name}.stdout", "w")
         daemons.append(subprocess.Popen([_find(name), *args, "-f", str(conf)], env=env, stdout=log,
@@ -340,9 +389,12 @@ def slurm(tmp_path_factory):
         yield env
     finally:
         _stop_slurm(env, daemons, conf)
+        if munge_dir is not None:
+            shutil.rmtree(munge_dir, ignore_errors=True)
 
 
 def _stop_slurm(env, daemons, conf):
+    """Cancel the jobs, stop slurmd, slurmctld (and munged), then end what outlived them."""
     jobs = subprocess.run([_find("squeue"), "-h", "-o", "%i"], env=env, capture_output=True,
                           text=True, timeout=10).stdout.split()
     if jobs:
@@ -352,10 +404,10 @@ def _stop_slurm(env, daemons, conf):
                 [_find("squeue"), "-h"], env=env, capture_output=True, text=True,
                 timeout=10).stdout.strip():
             time.sleep(0.3)
-    for d in daemons:
+    for d in reversed(daemons):  # slurmd, slurmctld, then munged
         if d.poll() is None:
             d.send_signal(signal.SIGTERM)
-    for d in daemons:
+    for d in reversed(daemons):
         try:
             d.wait(timeout=10)
         except subprocess.TimeoutExpired:
