@@ -235,8 +235,8 @@ def plan(args, environ=None):
     else:
         exe = _mpiexec.find_mpiexec(launcher, info, explicit=args.mpiexec)
     notes.append(f"launcher {launcher}: {exe}")
-    notes.append(f"hosts from {source}: "
-                 + (_hosts.format_host_list(hosts) if hosts else "this machine"))
+    notes.append(f"hosts from {source}: {_hosts.format_host_list(hosts)}" if hosts
+                 else "hosts: this machine")
     return Plan(launcher, exe, np, hosts, source, env, program, srun_pmi, args.oversubscribe, notes)
 
 
