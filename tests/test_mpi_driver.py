@@ -14,9 +14,12 @@ HEAVY_YIELD = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}  # oversubscribed: waiting r
 @pytest.mark.parametrize("np", [2, 3, 4])
 @pytest.mark.parametrize("name", FILES)
 def test_under_mpiexec(name, np):
-    rc, out, seconds = run(python("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                  "-o", "timeout=120", f"tests/mpi/{name}"),
-                           np=np, timeout=300, env=HEAVY_YIELD if np > 2 else None)
+    # only the two plugins the suite needs: autoloading every installed one costs ~1 s per rank
+    rc, out, seconds = run(python("-m", "pytest", "-q", "-x", "-p", "pytest_timeout", "-p", "mpidp.testing",
+                                  "--mpidp", "--mpidp-timeout", "120", "-o", "timeout=150",
+                                  "-p", "no:cacheprovider", f"tests/mpi/{name}"),
+                           np=np, timeout=300, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+                                                    **(HEAVY_YIELD if np > 2 else {})})
     tail = out[-6000:]
     assert rc is not None, f"tests/mpi/{name} at np={np} hung: killed after {seconds:.0f} s\n{tail}"
     assert rc == 0, f"tests/mpi/{name} at np={np} failed (exit {rc}, {seconds:.1f} s)\n{tail}"
