@@ -40,6 +40,10 @@ import time
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     # one BLAS thread per rank: ranks already fill the cores (a 2-core machine ran 30x slower without)
     os.environ.setdefault(_var, "1")
+# UCX (the MPICH wheel's default netmod) records every mmap/munmap of the process; with large arrays
+# freed back to the OS that record grows by ~50 B per allreduce, with raw mpi4py as with mpidp, which
+# would hide a leak of mpidp's own. UCX_MEM_EVENTS=yes measures the stack as shipped.
+os.environ.setdefault("UCX_MEM_EVENTS", "no")
 
 import numpy  # noqa: E402
 
@@ -59,6 +63,22 @@ STOP_EVERY = 32  # operations between two agreements on whether time is up
 
 
 # --- measurements -----------------------------------------------------------------------------
+
+def pin_malloc_thresholds():
+    """glibc: serve arrays >= 64 KiB by mmap and trim the heap, so RSS follows live memory.
+
+    By default glibc raises its mmap threshold as large blocks are freed, after
+    which they come from a heap that rarely shrinks: RSS then swings by tens of
+    MiB with the sizes in flight, hiding (or faking) a leak.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 64 << 10) and libc.mallopt(m_trim_threshold, 128 << 10))
+    except (OSError, AttributeError):
+        return False
+
 
 def rss_bytes():
     """Resident set size now (Linux /proc; elsewhere the peak from getrusage)."""
@@ -136,7 +156,8 @@ class Phase:
         return {"ops": self.ops, "bytes": self.bytes, "mismatches": self.mismatches,
                 "seconds": round(time.monotonic() - self.start, 1),
                 "rss_before_kib": b["rss"] // 1024, "rss_after_kib": a["rss"] // 1024,
-                "rss_growth_kib": self.growth() // 1024, "rss_samples": len(self.samples), "rss_peak_kib": self.peak_rss // 1024,
+                "rss_growth_kib": self.growth() // 1024,
+                "rss_trace_kib": [v // 1024 for v in self.samples[::max(1, len(self.samples) // 40)]], "rss_peak_kib": self.peak_rss // 1024,
                 "fds": [b["fds"], a["fds"]], "threads": [b["threads"], a["threads"]],
                 "handles": [b["handles"], a["handles"]], "pinned_bytes": [b["pinned_bytes"], a["pinned_bytes"]],
                 "first_errors": self.first_errors[:5]}
@@ -404,6 +425,7 @@ def main(argv=None):
     if args.device == "gpu" and bfloat16 is not None:  # CuPy has no bfloat16 arrays
         DTYPES.remove(bfloat16)
         FLOATS.remove(bfloat16)
+    pinned_malloc = pin_malloc_thresholds()
     mpidp.init()
     rank, size = mpidp.rank(), mpidp.size()
     xp = resolve_module(args.device)
@@ -414,13 +436,13 @@ def main(argv=None):
     reports = mpidp.allgather_object(mine, name="soak.report")
     code = 0
     if rank == 0:
-        code = summarize(args, reports, train_info, size, time.monotonic() - t0)
+        code = summarize(args, reports, train_info, size, time.monotonic() - t0, pinned_malloc)
     code = int(mpidp.broadcast_object(code, root_rank=0, name="soak.exit"))
     mpidp.shutdown()
     return code
 
 
-def summarize(args, reports, train_info, size, elapsed):
+def summarize(args, reports, train_info, size, elapsed, pinned_malloc):
     """Print the report, write --json; return the exit status."""
     bound_kib = int(args.max_rss_growth_mib * 1024)
     problems = []
@@ -441,8 +463,10 @@ def summarize(args, reports, train_info, size, elapsed):
                 problems.append(f"rank {r['rank']} {phase}: pinned pool grew {ph['pinned_bytes']} bytes")
     total = {phase: {k: sum(r[phase][k] for r in reports) for k in ("ops", "bytes", "mismatches")}
              for phase in ("collectives", "training")}
-    print(f"soak: {size} ranks, seed {args.seed}, {elapsed:.0f} s, device {args.device}, MPI "
-          f"{mpidp.comm.runtime.MPI.Get_library_version().splitlines()[0].strip()}")
+    mpi = " ".join(mpidp.comm.runtime.MPI.Get_library_version().splitlines()[0].split())
+    print(f"soak: {size} ranks, seed {args.seed}, {elapsed:.0f} s, device {args.device}, {mpi}, "
+          f"glibc mmap threshold {'pinned at 64 KiB' if pinned_malloc else 'default'}, "
+          f"UCX_MEM_EVENTS={os.environ.get('UCX_MEM_EVENTS')}")
     c = total["collectives"]
     print(f"collectives: {c['ops']} operations on all ranks ({c['ops'] // size} per rank), "
           f"{c['bytes'] / 2**20:.1f} MiB sent, {c['mismatches']} mismatches")
@@ -463,6 +487,8 @@ def summarize(args, reports, train_info, size, elapsed):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ranks": size, "seed": args.seed, "seconds": round(elapsed, 1), "device": args.device,
+                       "mpi": mpi, "malloc_pinned": pinned_malloc,
+                       "ucx_mem_events": os.environ.get("UCX_MEM_EVENTS"),
                        "totals": total, "training": train_info, "per_rank": reports,
                        "rss_bound_kib": bound_kib, "problems": problems}, f, indent=1)
     return 1 if problems else 0
