@@ -185,6 +185,16 @@ class MixedPrecision:
         """Context: the wrapped optimizer's groups hold the masters instead of the compute parameters."""
         return _Swap(self.optimizer.param_groups, [[m for _, m in pairs] for pairs in groups_pairs])
 
+    def masters(self):
+        """[(compute parameter, float32 master)] of every parameter this optimizer updates (a parameter that is
+        already float32 is its own master)."""
+        return [pair for pairs in self._pairs() for pair in pairs]
+
+    def master_bytes(self):
+        """Bytes of float32 masters and the shared float32 gradient buffer (not counting the optimizer state)."""
+        return (sum(m.nbytes for p, m in self.masters() if m is not p)
+                + sum(b.nbytes for b in self._grad_buffers.values()))
+
     def refresh_masters(self):
         """Copy the compute parameters into the masters (after loading weights into the model)."""
         for pairs in self._pairs():

@@ -8,12 +8,15 @@ wrapped optimizer updates only that part (one flat shard Parameter per bucket,
 so its per-element state is 1/N of the model's), and an allgather rebuilds the
 whole bucket for everyone.
 
-Stage 1 keeps whole gradient buckets (``p.grad`` are views) and starts a
-bucket's reduce-scatter from the gradient-ready hooks as soon as it is
-complete. Stage 2 keeps only the gradient shard between steps: a bucket's
-gradient buffer is taken from a small pool just before the backward of the
-first module that owns one of its parameters, and given back once its
-reduce-scatter is done; outside backward ``p.grad`` is None.
+Stage 1 keeps whole gradient buckets (``p.grad`` are views, and the shard's
+gradient is this rank's part of them) and starts a bucket's reduce-scatter
+from the gradient-ready hooks as soon as it is complete. Stage 2 keeps only
+the gradient shard between steps: a bucket's gradient buffer is taken from a
+small pool just before the backward of the first module that owns one of its
+parameters and given back once its reduce-scatter is done; at most
+``max_inflight_bytes`` (default: two of the largest bucket) are bound at once,
+more waits for the oldest reduction (buffers still being filled can exceed it).
+Outside backward ``p.grad`` is None.
 """
 import contextlib
 import time
@@ -64,11 +67,13 @@ class _Bucket:
         """Each parameter's slice of a bucket-length flat array, shaped like the parameter."""
         return [flat[o:o + p.size].reshape(p.shape) for o, p in zip(self.offsets, self.params)]
 
-    def bind(self, flat):
-        """Make ``flat`` this bucket's gradient buffer (``p.grad`` become its views)."""
+    def bind(self, flat, shard_view=False):
+        """Make ``flat`` this bucket's gradient buffer (``p.grad`` become its views; stage 1 also the shard's)."""
         self.grad = flat
         for p, view in zip(self.params, self.views(flat)):
             p.grad = view if p.requires_grad else None
+        if shard_view:  # the averaged shard overwrites this rank's part: no second buffer
+            self.shard.grad = flat[self.lo:self.hi]
 
     def unbind(self):
         flat, self.grad = self.grad, None
@@ -102,13 +107,14 @@ class ShardedOptimizer:
     ``no_sync``, ``backward_passes_per_step``); ``state_dict()`` gathers the
     shards into the wrapped optimizer's own format (a collective) and
     ``state_dict(gathered=False)`` returns this rank's shard only. The wrapped
-    optimizer's ``param_groups`` then hold the shard Parameters.
+    optimizer's ``param_groups`` then hold the shard Parameters. Checkpoint
+    code must call ``state_dict()`` on every rank (it gathers).
     """
 
     sharded = True  # broadcast_optimizer_state would overwrite every shard with the root's
 
     def __init__(self, optimizer, model=None, named_parameters=None, stage=1, process_set=None,
-                 backward_passes_per_step=1, bucket_bytes=None, overlap=True):
+                 backward_passes_per_step=1, bucket_bytes=None, overlap=True, max_inflight_bytes=None):
         if stage not in (1, 2):
             raise ValueError(f"ShardedOptimizer stage must be 1 (optimizer state) or 2 (+ gradients), "
                              f"got {stage!r}")
@@ -141,14 +147,19 @@ class ShardedOptimizer:
         for gi, group in enumerate(groups):  # the wrapped optimizer now sees only the shards
             group["params"] = [b.shard for b in self.buckets if b.group == gi]
         self._pool = []  # stage 2: free gradient buffers, reused across steps
-        self._full_grad_bytes = sum(b.padded * numpy.dtype(b.dtype).itemsize for b in self.buckets)
+        # stage 2: gradient buffers bound at once (being filled or in reduction); more waits for the oldest
+        largest = max(b.padded * numpy.dtype(b.dtype).itemsize for b in self.buckets)
+        self.max_inflight_bytes = int(max_inflight_bytes or 2 * largest)
+        if self.max_inflight_bytes < largest:
+            raise ValueError(f"max_inflight_bytes={max_inflight_bytes} is below the largest bucket ({largest} "
+                             f"bytes); raise it or lower bucket_bytes")
         if stage == 1:
             for b in self.buckets:
                 flat = b.xp.zeros(b.padded, dtype=b.dtype)
                 for p, view in zip(b.params, b.views(flat)):
                     if p.grad is not None:
                         view[...] = p.grad
-                b.bind(flat)
+                b.bind(flat, shard_view=True)
             self._module_hooks = []
         else:
             for b in self.buckets:
@@ -180,10 +191,13 @@ class ShardedOptimizer:
                 buf = self._pool.pop(min(fits, key=lambda i: self._pool[i].nbytes))
                 break
             flying = [b for b in self.buckets if b.handle and b.grad is not None]
-            if self._grad_bytes() + nbytes <= self._full_grad_bytes or not flying:
+            if self._grad_bytes() + nbytes <= self.max_inflight_bytes or not (flying or self._pool):
                 buf = bucket.xp.empty(nbytes, dtype=numpy.uint8)
                 break
-            self._finish(flying[0])
+            if flying:
+                self._finish(flying[0])
+            else:  # free buffers too small for this bucket: drop them to make room
+                self._pool.clear()
         flat = buf[:nbytes].view(bucket.dtype)
         flat.fill(0)
         bucket.bind(flat)
@@ -293,7 +307,7 @@ class ShardedOptimizer:
         """Zero the gradients (stage 2: give back buffers a backward left without a step)."""
         for b in self.buckets:
             if self.stage == 1:
-                b.bind(b.grad)  # re-point a p.grad a user replaced
+                b.bind(b.grad, shard_view=True)  # re-point a p.grad a user replaced
                 b.grad.fill(0)
             elif b.grad is not None:
                 self._release(b)

@@ -335,6 +335,17 @@ class OffloadManager:
             if p.requires_grad:
                 self._hooks.append(p.register_hook(self._grad_ready))
 
+    @staticmethod
+    def required_budget(model, threshold_bytes=1 << 20):
+        """The smallest ``device_budget_bytes`` that works: the largest module's offloaded parameters + gradients."""
+        seen, need = set(), 0
+        for module in model.modules():
+            ps = [p for _, p in module.named_parameters(recurse=False) if p.nbytes >= threshold_bytes]
+            if id(module) not in seen and ps:
+                seen.add(id(module))
+                need = max(need, sum(p.nbytes * (2 if p.requires_grad else 1) for p in ps))
+        return need
+
     # -- setup ----------------------------------------------------------------------------------------
     def _host_array(self, name, shape, dtype, on_disk):
         if on_disk and self.disk is not None:

@@ -127,12 +127,20 @@ def test_state_is_one_nth_per_rank(rank, size, stage):
         assert all(b.grad is None for b in opt.buckets)
 
 
-def test_stage2_holds_fewer_gradient_bytes(rank, size):
+def test_stage2_bounds_gradient_bytes(rank, size):
     one, opt1 = sharded("adam", rank, size, stage=1, bucket_bytes=256)
-    two, opt2 = sharded("adam", rank, size, stage=2, bucket_bytes=256)
-    train(one, opt1, rank, size, steps=2)
-    train(two, opt2, rank, size, steps=2)
-    assert opt2.stats["peak_grad_bytes"] <= opt1.stats["peak_grad_bytes"]
+    largest = max(b.padded * 8 for b in opt1.buckets)
+    two, opt2 = sharded("adam", rank, size, stage=2, bucket_bytes=256, max_inflight_bytes=largest)
+    train(one, opt1, rank, size, steps=3)
+    train(two, opt2, rank, size, steps=3)
+    compare(two, one, 1e-12)
+    full = sum(b.grad.nbytes for b in opt1.buckets)
+    # a module's weight and bias sit in different buckets and are bound together: the cap is exceeded
+    # only by buffers that are being filled, never by finished reductions
+    assert opt2.stats["peak_grad_bytes"] <= 2 * largest < full
+    assert opt1.stats["peak_grad_bytes"] == full
+    with pytest.raises(ValueError, match="below the largest bucket"):
+        sharded("adam", rank, size, stage=2, bucket_bytes=256, max_inflight_bytes=largest - 1)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
