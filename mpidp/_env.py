@@ -17,7 +17,6 @@ VARIABLES = {
     "MPIDP_AUTOTUNE_CACHE": (str, "~/.cache/mpidp/tune.json", "where tuned settings are cached"),
     "MPIDP_ABORT_ON_EXCEPTION": (bool, True, "an uncaught exception on any rank aborts the whole job"),
     "MPIDP_EXIT_TIMEOUT_S": (float, 60.0, "a rank exiting without shutdown() aborts the job if peers do not also exit within this"),
-    "MPIDP_DEVICE": (str, "auto", "cpu, gpu or auto: the array module models and data use by default"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}
