@@ -63,7 +63,8 @@ class LossScaler:
     def scale_loss(self, x):
         """``x * scale``: a loss, or the loss gradient handed to ``model.backward`` (dtype kept)."""
         if hasattr(x, "dtype"):
-            return x * x.dtype.type(self.scale)
+            with numpy.errstate(over="ignore"):  # an overflow here is what the scaler detects and backs off from
+                return x * x.dtype.type(self.scale)
         return x * self.scale
 
     def unscale(self, params):

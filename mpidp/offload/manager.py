@@ -318,8 +318,7 @@ class OffloadManager:
         self._state_homes = {}  # (id(param), key) -> host array of an optimizer state entry
         self._wrapped = False
         self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "h2d_copies": 0, "d2h_copies": 0, "wait_s": 0.0,
-                      "issue_s": 0.0,
-                      "demand_fetches": 0, "prefetches": 0, "prefetch_hits": 0, "cache_hits": 0,
+                      "issue_s": 0.0, "demand_fetches": 0, "prefetches": 0, "prefetch_hits": 0, "cache_hits": 0,
                       "evictions": 0, "skipped_prefetches": 0}
         self._hooks = [model.register_forward_pre_hook(self._on_pass)]
         for module in self._modules:
@@ -338,12 +337,10 @@ class OffloadManager:
     @staticmethod
     def required_budget(model, threshold_bytes=1 << 20):
         """The smallest ``device_budget_bytes`` that works: the largest module's offloaded parameters + gradients."""
-        seen, need = set(), 0
+        need = 0
         for module in model.modules():
             ps = [p for _, p in module.named_parameters(recurse=False) if p.nbytes >= threshold_bytes]
-            if id(module) not in seen and ps:
-                seen.add(id(module))
-                need = max(need, sum(p.nbytes * (2 if p.requires_grad else 1) for p in ps))
+            need = max(need, sum(p.nbytes * (2 if p.requires_grad else 1) for p in ps))
         return need
 
     # -- setup ----------------------------------------------------------------------------------------
