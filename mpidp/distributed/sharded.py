@@ -307,7 +307,8 @@ class ShardedOptimizer:
         """Zero the gradients (stage 2: give back buffers a backward left without a step)."""
         for b in self.buckets:
             if self.stage == 1:
-                b.bind(b.grad, shard_view=True)  # re-point a p.grad a user replaced
+                if any(p.requires_grad and (p.grad is None or p.grad.base is not b.grad) for p in b.params):
+                    b.bind(b.grad, shard_view=True)  # re-point a p.grad a user replaced
                 b.grad.fill(0)
             elif b.grad is not None:
                 self._release(b)
