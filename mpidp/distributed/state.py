@@ -35,7 +35,10 @@ def broadcast_parameters(model_or_params, root_rank=0, process_set=None):
 
 
 def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None):
-    """Make every rank's optimizer state (moments included, even if not created yet) root's."""
+    """Make every rank's optimizer state (moments included, even if not created yet) root's.
+
+    For a ShardedOptimizer only the hyperparameters are broadcast: its state is per-rank shards.
+    """
     inner = getattr(optimizer, "optimizer", optimizer)
     inner.init_state()  # lazily created state must exist everywhere before it is broadcast
     groups = objects.broadcast_object(
@@ -47,6 +50,8 @@ def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None):
                             tensor="optimizer.param_groups", field="groups")
     for group, hyper in zip(inner.param_groups, groups):
         group.update(hyper)
+    if getattr(optimizer, "sharded", False):
+        return  # each rank owns a different shard of the state: only the hyperparameters agree
     for i, p in enumerate(p for g in inner.param_groups for p in g["params"]):
         for key, value in sorted(inner.state.get(p, {}).items()):
             name = f"optimizer.state[{i}].{key}"

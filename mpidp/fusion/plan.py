@@ -1,26 +1,29 @@
 """Which gradients share a bucket: fixed at build time, reverse registration order."""
 import numpy
 
+from ..backend.xp import get_array_module
+
 
 def plan_buckets(params, threshold_bytes, first_bucket_bytes=None):
-    """Lists of indices into ``params`` (reverse order, one dtype per bucket, ~threshold bytes each).
+    """Lists of indices into ``params`` (reverse order, one dtype and array module per bucket).
 
     Backward produces the last layers' gradients first, so the first bucket fills
     (and starts its allreduce) first. The first bucket is kept small, as in DDP,
     so communication starts early.
     """
     first = threshold_bytes if first_bucket_bytes is None else min(first_bucket_bytes, threshold_bytes)
-    buckets, current, current_bytes, current_dtype = [], [], 0, None
+    buckets, current, current_bytes, current_kind = [], [], 0, None
     for index in reversed(range(len(params))):
         p = params[index]
         limit = first if not buckets else threshold_bytes
-        dtype = numpy.dtype(p.dtype)
-        if current and (current_dtype != dtype or current_bytes + p.nbytes > limit):
+        # host-tier (offloaded) gradients are NumPy while the rest may be CuPy: never one buffer
+        kind = (numpy.dtype(p.dtype), get_array_module(p.grad if p.grad is not None else p.data).__name__)
+        if current and (current_kind != kind or current_bytes + p.nbytes > limit):
             buckets.append(current)
             current, current_bytes = [], 0
         current.append(index)
         current_bytes += p.nbytes
-        current_dtype = dtype
+        current_kind = kind
     if current:
         buckets.append(current)
     return buckets
