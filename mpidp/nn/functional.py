@@ -25,10 +25,17 @@ def _up(x):
     return x.astype(acc_dtype(x.dtype), copy=False)
 
 
+def matmul(a, b):
+    """``a @ b``; NumPy float16 products run in float32 (NumPy's float16 GEMM is ~100x slower)."""
+    if a.dtype == numpy.float16 and type(a) is numpy.ndarray:
+        return (a.astype(numpy.float32) @ b.astype(numpy.float32)).astype(numpy.float16)
+    return a @ b
+
+
 # -- dense --------------------------------------------------------------------------------------
 def linear_forward(x, w, b=None):
     """x (..., in), w (out, in), b (out,) -> y (..., out)."""
-    y = x @ w.T
+    y = matmul(x, w.T)
     if b is not None:
         y += b
     return y
@@ -36,9 +43,9 @@ def linear_forward(x, w, b=None):
 
 def linear_backward(dy, x, w, need_w=True, need_b=True):
     """dy (..., out) -> dx (..., in), dw (out, in) or None, db (out,) or None."""
-    dx = dy @ w
+    dx = matmul(dy, w)
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dw = dy2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
+    dw = matmul(dy2.T, x.reshape(-1, x.shape[-1])) if need_w else None
     db = dy2.sum(0) if need_b else None
     return dx, dw, db
 
@@ -124,7 +131,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     """x (N, C, H, W), w (O, C, KH, KW), b (O,) -> y (N, O, OH, OW) and the columns backward needs."""
     o, _, kh, kw = w.shape
     cols, (oh, ow) = im2col(x, kh, kw, stride, padding)
-    y = cols @ _w2(w).T
+    y = matmul(cols, _w2(w).T)
     if b is not None:
         y += b
     return y.reshape(x.shape[0], oh, ow, o).transpose(0, 3, 1, 2), cols
@@ -134,12 +141,12 @@ def conv2d_backward(dy, cols, x_shape, w, stride=1, padding=0, need_w=True, need
     """dy (N, O, OH, OW) -> dx (N, C, H, W), dw (O, C, KH, KW) or None, db (O,) or None."""
     o, c, kh, kw = w.shape
     dy2 = dy.transpose(0, 2, 3, 1).reshape(-1, o)
-    dw = (dy2.T @ cols).reshape(o, kh, kw, c).transpose(0, 3, 1, 2) if need_w else None
+    dw = matmul(dy2.T, cols).reshape(o, kh, kw, c).transpose(0, 3, 1, 2) if need_w else None
     db = dy2.sum(0) if need_b else None
     if c < dy.shape[3]:  # few channels: scatter whole output rows at a time
-        dx = _col2im_t(_w2(w).T @ dy2.T, x_shape, kh, kw, stride, padding)
+        dx = _col2im_t(matmul(_w2(w).T, dy2.T), x_shape, kh, kw, stride, padding)
     else:
-        dx = col2im(dy2 @ _w2(w), x_shape, kh, kw, stride, padding)
+        dx = col2im(matmul(dy2, _w2(w)), x_shape, kh, kw, stride, padding)
     return dx, dw, db
 
 
@@ -262,21 +269,21 @@ def _causal_mask(xp, t):
 def attention_forward(q, k, v, causal=True):
     """q, k, v (B, H, T, d) -> out (B, H, T, d) and the attention weights (B, H, T, T)."""
     xp = get_array_module(q)
-    s = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    s = matmul(q, k.swapaxes(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if causal:
         s = xp.where(_causal_mask(xp, q.shape[-2]), -numpy.inf, _up(s))
     att = softmax(s).astype(q.dtype, copy=False)
-    return att @ v, att
+    return matmul(att, v), att
 
 
 def attention_backward(dout, q, k, v, att):
     """dout (B, H, T, d) -> dq, dk, dv (B, H, T, d); masked weights are zero so need no mask here."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    dv = att.swapaxes(-1, -2) @ dout
-    datt = _up(dout @ v.swapaxes(-1, -2))
+    dv = matmul(att.swapaxes(-1, -2), dout)
+    datt = _up(matmul(dout, v.swapaxes(-1, -2)))
     a = _up(att)
     ds = (a * (datt - (datt * a).sum(-1, keepdims=True))).astype(q.dtype, copy=False)
-    return (ds @ k) * scale, (ds.swapaxes(-1, -2) @ q) * scale, dv
+    return matmul(ds, k) * scale, matmul(ds.swapaxes(-1, -2), q) * scale, dv
 
 
 # -- embedding ----------------------------------------------------------------------------------
