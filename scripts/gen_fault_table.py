@@ -54,7 +54,7 @@ def message(case, r, workdir):
 def seconds(r):
     if r.rc is None:
         return "never"
-    after = f"{r.after_fault:.1f}" if r.after_fault is not None else "–"
+    after = f"{r.after_fault:.2f}" if r.after_fault is not None else "–"
     return f"{after} ({r.seconds:.1f})"
 
 

@@ -404,9 +404,8 @@ def training_phase(args, device):
         epoch += 1
     mpidp.check_replicas(model)
     checks += 1
-    opt.close()
-    del opt, inner, model
     phase.finish()
+    opt.close()
     return phase, {"steps": step, "check_replicas": checks, "final_loss": round(float(loss), 4)}
 
 
