@@ -157,7 +157,8 @@ class Phase:
                 "seconds": round(time.monotonic() - self.start, 1),
                 "rss_before_kib": b["rss"] // 1024, "rss_after_kib": a["rss"] // 1024,
                 "rss_growth_kib": self.growth() // 1024,
-                "rss_trace_kib": [v // 1024 for v in self.samples[::max(1, len(self.samples) // 40)]], "rss_peak_kib": self.peak_rss // 1024,
+                "rss_peak_kib": self.peak_rss // 1024,
+                "rss_trace_kib": [v // 1024 for v in self.samples[::max(1, len(self.samples) // 40)]],
                 "fds": [b["fds"], a["fds"]], "threads": [b["threads"], a["threads"]],
                 "handles": [b["handles"], a["handles"]], "pinned_bytes": [b["pinned_bytes"], a["pinned_bytes"]],
                 "first_errors": self.first_errors[:5]}
