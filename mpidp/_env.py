@@ -16,6 +16,7 @@ VARIABLES = {
     "MPIDP_AUTOTUNE": (bool, False, "measure bucket and piece size during the first steps"),
     "MPIDP_AUTOTUNE_CACHE": (str, "~/.cache/mpidp/tune.json", "where tuned settings are cached"),
     "MPIDP_ABORT_ON_EXCEPTION": (bool, True, "an uncaught exception on any rank aborts the whole job"),
+    "MPIDP_INIT_TIMEOUT_S": (float, 300.0, "a rank stuck this long in MPI_Init (a peer died before it) exits; 0 = wait forever"),
     "MPIDP_EXIT_TIMEOUT_S": (float, 60.0, "a rank exiting without shutdown() aborts the job if peers do not also exit within this"),
 }
 

@@ -77,19 +77,34 @@ def _state_row():
     return [progress.wait_seq, 1, int((time.monotonic() - progress.wait_start) * 1000)]
 
 
+class _Answers:
+    """Answers peers' "what are you doing?" queries; served while this rank asks its own too."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.query = numpy.zeros(1, numpy.int64)
+        self.status = MPI.Status()
+        self.pending = comm.Irecv(self.query, source=MPI.ANY_SOURCE, tag=_QUERY)
+        self.replies = []
+
+    def serve(self):
+        while self.pending.Test(self.status):
+            reply = numpy.array(_state_row(), numpy.int64)
+            self.replies.append((self.comm.Isend(reply, dest=self.status.Get_source(), tag=_REPLY), reply))
+            self.pending = self.comm.Irecv(self.query, source=MPI.ANY_SOURCE, tag=_QUERY)
+        self.replies = [r for r in self.replies if not r[0].Test()]
+
+    def close(self):
+        self.pending.Cancel()
+        self.pending.Wait()
+
+
 def _run(comm, warn_s, abort_s):
     me, n = comm.Get_rank(), comm.Get_size()
-    query_in = numpy.zeros(1, numpy.int64)
-    pending = comm.Irecv(query_in, source=MPI.ANY_SOURCE, tag=_QUERY)
-    status = MPI.Status()
+    answers = _Answers(comm)
     warned_for = None
-    replies = []
     while not _stop.wait(_POLL_S):
-        while pending.Test(status):  # answer every peer that asked what we are doing
-            reply = numpy.array(_state_row(), numpy.int64)
-            replies.append((comm.Isend(reply, dest=status.Get_source(), tag=_REPLY), reply))
-            pending = comm.Irecv(query_in, source=MPI.ANY_SOURCE, tag=_QUERY)
-        replies = [r for r in replies if not r[0].Test()]
+        answers.serve()
         what, seq = progress.waiting, progress.wait_seq
         if what is None:
             warned_for = None
@@ -97,7 +112,7 @@ def _run(comm, warn_s, abort_s):
         waited = time.monotonic() - progress.wait_start
         if waited < warn_s or warned_for == (seq, abort_s and waited >= abort_s):
             continue
-        missing = _ask_peers(comm, me, n, seq)
+        missing = _ask_peers(comm, me, n, seq, answers)
         level_abort = bool(abort_s) and waited >= abort_s
         warned_for = (seq, level_abort)
         message = (f"[rank {me}] stall: waiting {waited:.0f} s in {what} (collective #{seq}); "
@@ -108,12 +123,11 @@ def _run(comm, warn_s, abort_s):
             comm.Abort(1)
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
-    pending.Cancel()
-    pending.Wait()
+    answers.close()
     comm.Free()
 
 
-def _ask_peers(comm, me, n, seq):
+def _ask_peers(comm, me, n, seq, answers):
     """Describe the peers that are not waiting in collective ``seq``."""
     peers = [r for r in range(n) if r != me]
     rows = {r: numpy.zeros(3, numpy.int64) for r in peers}
@@ -122,6 +136,7 @@ def _ask_peers(comm, me, n, seq):
     sends = [comm.Isend(ask, dest=r, tag=_QUERY) for r in peers]
     deadline = time.monotonic() + _ANSWER_S
     while time.monotonic() < deadline and not all(q.Test() for q in recvs.values()):
+        answers.serve()  # peers waiting in the same collective are asking us at the same time
         time.sleep(0.01)
     out = []
     for r in peers:

@@ -64,11 +64,7 @@ CASES = [
     Case("exception_before_init", "exception on one rank before `mpidp.init()`", "init_before",
          rc="nonzero", message=r"RuntimeError: injected failure before mpidp.init", np=3,
          timeout=8, bound_s=5, env={"MPIDP_INIT_TIMEOUT_S": "3"},
-         xfail="the other ranks wait in MPI_Init forever (MPICH hydra does not end the job when a "
-         "rank exits before MPI_Init, and MPI_Init holds the GIL); mpidp/comm/__init__.py needs a "
-         "C-level watchdog (faulthandler.dump_traceback_later(MPIDP_INIT_TIMEOUT_S, exit=True)) "
-         "around the first import of mpi4py.MPI",
-         note="job hangs in MPI_Init on the other ranks"),
+         note="the other ranks leave MPI_Init after MPIDP_INIT_TIMEOUT_S (default 300 s)"),
     Case("exception_at_init", "exception on one rank right after `mpidp.init()`", "init",
          rc=1, message=r"\[rank 1/3\] RuntimeError: injected failure right after mpidp.init", np=3),
     Case("exception_in_forward", "exception in forward (layer hook) on one rank", "forward",

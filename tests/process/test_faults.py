@@ -51,11 +51,6 @@ def test_fault(case, outcome):
                        f"ranks {r.ranks}, checkpoints {r.checkpoints})\n--- output (tail) ---\n{r.output[-4000:]}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stall inspector: a waiting rank whose inspector is itself asking its peers (up to 2 s in "
-    "_ask_peers) answers no query meanwhile, so two ranks waiting in the same collective report "
-    "each other as '(no answer: busy without MPI calls, or dead)'; mpidp/comm/stall.py must serve "
-    "incoming queries inside _ask_peers' wait loop"))
 def test_stall_report_names_only_the_missing_rank(outcome):
     case = fc.by_name("skipped_collective_stall")  # rank 1 skipped the collective; 0 and 2 wait in it
     r = outcome(case)
