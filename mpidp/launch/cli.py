@@ -51,7 +51,9 @@ hosts:
 
 environment:
   Every rank gets MPIDP_LAUNCHER=mpidprun, each MPIDP_* variable set here, and
-  the -x variables.
+  the -x variables. On this machine alone, unless OMP_NUM_THREADS,
+  OPENBLAS_NUM_THREADS or MKL_NUM_THREADS is set, ranks split the cores among
+  their BLAS/OpenMP threads (cores // ranks each).
 
 exit status:
   the job's exit code; 2 when the arguments are wrong (nothing was started);
@@ -190,6 +192,21 @@ def _launcher(args, source, info, environ, notes):
     return info.flavour
 
 
+def _share_cores(env, environ, np, notes):
+    """Local ranks split this machine's cores among their BLAS/OpenMP threads (as torchrun does).
+
+    Left alone when the user set any of the variables: their choice wins.
+    """
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    if any(name in environ or name in env for name in names):
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // max(np, 1)))
+    for name in names:
+        env[name] = threads
+    notes.append(f"{np} local ranks share {os.cpu_count()} cores: {threads} BLAS/OpenMP thread(s) each "
+                 f"(set OMP_NUM_THREADS to choose)")
+
+
 def plan(args, environ=None):
     """Check ``args`` and decide the launch; ``LaunchError`` (one sentence) when anything is wrong.
 
@@ -218,6 +235,8 @@ def plan(args, environ=None):
         notes.append(f"mpi4py of {info.python} loads {info.version or 'an unknown MPI'}"
                      + (f" from {info.libdirs[0]}" if info.libdirs else ""))
     launcher = _launcher(args, source, info, environ, notes)
+    if not hosts:
+        _share_cores(env, environ, np, notes)
 
     srun_pmi = ""
     if launcher == "srun":

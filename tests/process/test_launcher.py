@@ -328,10 +328,12 @@ def test_launcher_never_initialises_mpi():
 
 # -- --dry-run -----------------------------------------------------------------------------------
 
-def dry_run(capsys, monkeypatch, *args, env=None):
+def dry_run(capsys, monkeypatch, *args, env=None, threads_set=True):
     for key in list(os.environ):
-        if key.startswith(_LEFTOVERS):
+        if key.startswith(_LEFTOVERS) or key.endswith("_NUM_THREADS"):
             monkeypatch.delenv(key)
+    if threads_set:  # the user's choice: mpidprun then adds no thread variables
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(ROOT)
@@ -419,3 +421,14 @@ def test_open_mpi_hostfile_and_exit_code(tmp_path):
     rc, _, err, _ = mpidprun("--hostfile", ROOT / "hostfiles/localhost.hydra", "-np", 3,
                              OPENMPI_PYTHON, prog, env={"OMPI_MCA_btl": "self,sm"}, timeout=90)
     assert rc == 6, err
+
+
+def test_local_ranks_share_the_cores_unless_the_user_chose(capsys, monkeypatch):
+    argv, _ = dry_run(capsys, monkeypatch, "--mpi", "mpich", "-np", 2, sys.executable, "-c", "pass",
+                      threads_set=False)
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        i = argv.index(name)
+        assert argv[i - 1] == "-genv" and argv[i + 1] == threads
+    argv, _ = dry_run(capsys, monkeypatch, "--mpi", "mpich", "-np", 2, sys.executable, "-c", "pass")
+    assert "OPENBLAS_NUM_THREADS" not in argv
