@@ -26,6 +26,7 @@ import numpy
 from ..backend.xp import asnumpy, get_array_module
 from ..comm import check, collectives, ops, process_set as _ps
 from ..nn.parameter import Parameter
+from ..fusion import plan_buckets
 from .optimizer import FIRST_BUCKET_BYTES, DistributedOptimizer, fusion_threshold
 
 try:  # the timeline is optional: spans cost nothing when it is off or absent
@@ -82,24 +83,6 @@ class _Bucket:
         return flat
 
 
-def _plan(params, key, threshold, first):
-    """Index lists (reverse order, one ``key(p)`` per bucket, about ``threshold`` bytes each)."""
-    buckets, current, current_bytes, current_key = [], [], 0, None
-    for index in reversed(range(len(params))):
-        p = params[index]
-        limit = first if not buckets else threshold
-        k = key(p)
-        if current and (k != current_key or current_bytes + p.nbytes > limit):
-            buckets.append(current)
-            current, current_bytes = [], 0
-        current.append(index)
-        current_bytes += p.nbytes
-        current_key = k
-    if current:
-        buckets.append(current)
-    return buckets
-
-
 class ShardedOptimizer:
     """Wrap ``optimizer``: average gradients by reduce-scatter, update this rank's shard, allgather.
 
@@ -134,9 +117,9 @@ class ShardedOptimizer:
         self._orig_params = [list(g["params"]) for g in groups]  # state_dict indices refer to these
         self.threshold = int(bucket_bytes or fusion_threshold())
         # one group, dtype and array module per bucket (offloaded parameters live on the host)
-        plan = _plan(params, lambda p: (group_of[id(p)], numpy.dtype(p.dtype).str,
-                                        get_array_module(p.data).__name__), self.threshold,
-                     min(FIRST_BUCKET_BYTES, self.threshold))
+        plan = plan_buckets(params, self.threshold, FIRST_BUCKET_BYTES,
+                            key=lambda p: (group_of[id(p)], numpy.dtype(p.dtype).str,
+                                           get_array_module(p.data).__name__))
         self.buckets = [_Bucket(b, [params[i] for i in idx], [names[i] for i in idx],
                                 group_of[id(params[idx[0]])], self._size, self._rank)
                         for b, idx in enumerate(plan)]

@@ -4,20 +4,21 @@ import numpy
 from ..backend.xp import get_array_module
 
 
-def plan_buckets(params, threshold_bytes, first_bucket_bytes=None):
+def plan_buckets(params, threshold_bytes, first_bucket_bytes=None, key=None):
     """Lists of indices into ``params`` (reverse order, one dtype and array module per bucket).
 
     Backward produces the last layers' gradients first, so the first bucket fills
     (and starts its allreduce) first. The first bucket is kept small, as in DDP,
-    so communication starts early.
+    so communication starts early. ``key(p)`` (default: dtype and array module)
+    must be equal within a bucket.
     """
+    key = key or _buffer_kind
     first = threshold_bytes if first_bucket_bytes is None else min(first_bucket_bytes, threshold_bytes)
     buckets, current, current_bytes, current_kind = [], [], 0, None
     for index in reversed(range(len(params))):
         p = params[index]
         limit = first if not buckets else threshold_bytes
-        # host-tier (offloaded) gradients are NumPy while the rest may be CuPy: never one buffer
-        kind = (numpy.dtype(p.dtype), get_array_module(p.grad if p.grad is not None else p.data).__name__)
+        kind = key(p)
         if current and (current_kind != kind or current_bytes + p.nbytes > limit):
             buckets.append(current)
             current, current_bytes = [], 0
@@ -27,6 +28,11 @@ def plan_buckets(params, threshold_bytes, first_bucket_bytes=None):
     if current:
         buckets.append(current)
     return buckets
+
+
+def _buffer_kind(p):
+    # host-tier (offloaded) gradients are NumPy while the rest may be CuPy: never one buffer
+    return numpy.dtype(p.dtype), get_array_module(p.grad if p.grad is not None else p.data).__name__
 
 
 def signature(names, params, buckets):
