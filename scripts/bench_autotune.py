@@ -206,10 +206,10 @@ def main(argv=None):
     ap.add_argument("--workloads", nargs="+", default=["transformer", "resnet50"],
                     choices=["transformer", "resnet50"])
     ap.add_argument("--vocab", type=int, default=96)
-    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--embed", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=8, help="transformer sequences per rank (default 8)")
+    ap.add_argument("--batch", type=int, default=4, help="transformer sequences per rank (default 4)")
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before the job is killed")
     args = ap.parse_args(argv)

@@ -13,6 +13,7 @@ by rep so that drift and the other users of the machine hit them alike:
     raw 1MiB pieces  that flat buffer reduced in 1 MiB pieces
     mpidp sync       DistributedOptimizer.step() with every gradient ready (no overlap)
     mpidp hooks      backward fires the gradient-ready hooks in reverse order, then step()
+                     ("(backward walk alone)": that backward with no optimizer, for reference)
 
 A step is timed on every rank from a barrier; its time is the slowest rank's,
 and tables show medians over reps. ``--sweep`` first measures mpidp over a
@@ -88,9 +89,11 @@ def under_mpi():
 
 
 def launch_self(np, argv, timeout):
-    """Run this script under ``mpiexec -n np`` (whole process group killed on timeout); returns rc."""
+    """Run the calling script under ``mpiexec -n np`` (process group killed on timeout); returns rc."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_VARS)}
     env.setdefault("PYTHONUNBUFFERED", "1")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")  # one BLAS thread per rank: ranks do not fight over the cores
     cmd = ["mpiexec", "-n", str(np), sys.executable, os.path.abspath(sys.argv[0]), *argv]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
@@ -112,7 +115,8 @@ def gradient_model(shapes, seed=0, dtype=numpy.float32):
     class Holder(nn.Module):
         def __init__(self, shape):
             super().__init__()
-            self.weight = nn.Parameter(numpy.zeros(shape, dtype=dtype))
+            # the data is never read: a broadcast zero costs no memory; the gradient is real
+            self.weight = nn.Parameter(numpy.broadcast_to(numpy.zeros((), dtype=dtype), shape))
 
         def forward(self, x):
             return x
@@ -161,6 +165,32 @@ def mpidp_exchange(model, threshold, piece, hooks):
     return run
 
 
+def at_piece(run, piece):
+    """The same exchange (same optimizer and buffers) at another piece size."""
+    from mpidp.comm import _buffers
+
+    def step():
+        run()
+
+    def prepare():
+        run.prepare()
+        _buffers.set_piece_bytes(piece)
+
+    step.prepare, step.opt = prepare, run.opt
+    return step
+
+
+def backward_walk(model):
+    """The hooks mode's backward over the one-parameter layers with nothing listening: its own cost."""
+    x = numpy.zeros(1, numpy.float32)
+
+    def run():
+        model.backward(x)
+
+    run.prepare = lambda: model(x)
+    return run
+
+
 def raw_strategies(shapes, comm, seed=0):
     """The hand-written mpi4py strategies: name -> step function (each with its own buffers)."""
     from mpi4py import MPI
@@ -190,7 +220,7 @@ def raw_strategies(shapes, comm, seed=0):
 # --- measuring ----------------------------------------------------------------------------------
 
 def measure(comm, strategies, reps, warmup=2):
-    """Median seconds per step of each strategy (slowest rank), reps interleaved round-robin."""
+    """(median, min) seconds per step of each strategy (slowest rank), reps interleaved round-robin."""
     names = list(strategies)
     times = numpy.zeros((reps, len(names)))
     for r in range(-warmup, reps):
@@ -205,31 +235,53 @@ def measure(comm, strategies, reps, warmup=2):
                 times[r, j] = dt
     from mpi4py import MPI
     comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
-    return {name: float(numpy.median(times[:, j])) for j, name in enumerate(names)}, times
+    return {name: float(numpy.median(times[:, j])) for j, name in enumerate(names)}, \
+        {name: float(times[:, j].min()) for j, name in enumerate(names)}
 
 
 def best_raw(result):
     return min(v for k, v in result.items() if isinstance(k, str) and k.startswith("raw"))
 
 
+def layout(opt, piece):
+    """The MPI calls an optimizer's exchange makes at ``piece``: per bucket, elements and piece length."""
+    calls = []
+    for b in opt.buckets:
+        step = max(1, piece // b.wire.itemsize)
+        calls.append((b.wire.size, step if b.wire.size > step else None))
+    return tuple(calls)
+
+
 def sweep(comm, reps, thresholds, pieces, log):
-    """ms of mpidp sync over thresholds x pieces on every case, and the raw strategies alike."""
+    """ms of mpidp sync over thresholds x pieces on every case, and the raw strategies alike.
+
+    Pairs that make exactly the same MPI calls (for 500x1K every threshold >= 1 MiB) are timed
+    once and share the result: timing equals against each other would only measure noise.
+    """
     rows, grid = [], {}
     for case, shapes in CASES.items():
-        strategies = dict(raw_strategies(shapes, comm))
+        strategies, same = dict(raw_strategies(shapes, comm)), {}
+        first = {}
         for t in thresholds:
-            model = gradient_model(shapes)  # one model per threshold: buckets of its own
+            run = mpidp_exchange(gradient_model(shapes), t, pieces[0], hooks=False)  # buckets of its own
             for p in pieces:
-                strategies[(t, p)] = mpidp_exchange(model, t, p, hooks=False)
-        log(f"sweep {case}: {len(strategies)} strategies x {reps} reps ...")
-        result, _ = measure(comm, strategies, reps)
+                key = layout(run.opt, p)
+                same[t, p] = first.setdefault(key, (t, p))
+                if same[t, p] == (t, p):
+                    strategies[t, p] = at_piece(run, p)
+        n = reps if sum(int(numpy.prod(s)) for s in shapes) * 4 > 16 * MiB else 5 * reps  # small: cheap
+        log(f"sweep {case}: {len(strategies)} distinct strategies x {n} reps ...")
+        result, low = measure(comm, strategies, n)
         floor = best_raw(result)
         for key, sec in result.items():
-            t, p = key if isinstance(key, tuple) else (None, None)
-            rows.append({"case": case, "strategy": "mpidp sync" if t else key, "threshold": t or "",
-                         "piece": p or "", "ms": sec * 1e3, "ratio": sec / floor})
-            if t:
-                grid[case, t, p] = sec / floor
+            if not isinstance(key, tuple):
+                rows.append({"case": case, "strategy": key, "threshold": "", "piece": "", "same_as": "",
+                             "ms": sec * 1e3, "ratio": sec / floor, "ms_min": low[key] * 1e3})
+        for (t, p), ref in same.items():
+            grid[case, t, p] = result[ref] / floor
+            rows.append({"case": case, "strategy": "mpidp sync", "threshold": t, "piece": p,
+                         "same_as": "" if ref == (t, p) else f"{ref[0]}/{ref[1]}", "ms": result[ref] * 1e3,
+                         "ratio": result[ref] / floor, "ms_min": low[ref] * 1e3})
         del strategies
     return rows, grid
 
@@ -252,12 +304,13 @@ def confirm(comm, reps, default, chosen):
                 name = f"mpidp {mode} ({label})"
                 strategies[name] = mpidp_exchange(gradient_model(shapes), t, p, hooks=mode == "hooks")
                 where[name] = (t, p)
-        result, _ = measure(comm, strategies, reps)
+        strategies["(backward walk alone)"] = backward_walk(gradient_model(shapes))
+        result, low = measure(comm, strategies, reps)
         floor = best_raw(result)
         for name, sec in result.items():
             t, p = where.get(name, ("", ""))
             rows.append({"case": case, "strategy": name, "threshold": t, "piece": p, "ms": sec * 1e3,
-                         "ratio": sec / floor})
+                         "ratio": sec / floor, "ms_min": low[name] * 1e3, "ratio_min": low[name] / best_raw(low)})
     return rows
 
 
@@ -306,18 +359,19 @@ def breakdown(comm, reps, threshold, piece):
         for fn in steps.values():
             if not hasattr(fn, "prepare"):
                 fn.prepare = lambda: _buffers.set_piece_bytes(piece)
-        result, _ = measure(comm, steps, reps)
+        result, low = measure(comm, steps, reps)
         floor = result["raw pieces, one flat buffer"]
         for name, sec in result.items():
             rows.append({"case": case, "strategy": name, "threshold": threshold, "piece": piece,
-                         "buckets": len(flats), "ms": sec * 1e3, "ratio": sec / floor})
+                         "buckets": len(flats), "ms": sec * 1e3, "ratio": sec / floor, "ms_min": low[name] * 1e3})
     return rows
 
 
 # --- output -------------------------------------------------------------------------------------
 
 TABLE = [("case", "case", ""), ("strategy", "strategy", ""), ("threshold_", "threshold", ""),
-         ("piece_", "piece", ""), ("ms", "ms/step", ".3f"), ("ratio", "x best raw", ".2f")]
+         ("piece_", "piece", ""), ("ms", "ms/step", ".3f"), ("ratio", "x best raw", ".2f"),
+         ("ms_min", "(min ms)", ".3f"), ("ratio_min", "(min x)", ".2f")]
 
 
 def table_rows(rows):
@@ -398,7 +452,8 @@ def run(args):
     if args.profile:
         rows = breakdown(comm, args.reps, *chosen)
         if rank == 0:
-            cols = TABLE[:2] + [("buckets", "buckets", "")] + TABLE[2:5] + [("ratio", "x first row", ".2f")]
+            cols = TABLE[:2] + [("buckets", "buckets", "")] + TABLE[2:5] + [("ratio", "x first row", ".2f"),
+                                                                            ("ms_min", "(min ms)", ".3f")]
             bu.print_table(table_rows(rows), cols, title="where mpidp's time goes (medians, slowest rank)")
             bu.write_csv(FIGURES / "bench_gradsync_profile.csv", [{**extra, **r} for r in rows])
         mpidp.shutdown()
@@ -420,7 +475,8 @@ def main(argv=None):
     ap.add_argument("--np", type=int, default=2, help="ranks when launching itself (default 2)")
     ap.add_argument("--reps", type=int, default=15, help="timed steps per strategy in the table")
     ap.add_argument("--sweep", action="store_true", help="sweep fusion threshold x piece size first")
-    ap.add_argument("--sweep-reps", type=int, default=7, help="timed steps per sweep candidate")
+    ap.add_argument("--sweep-reps", type=int, default=9,
+                    help="timed steps per sweep candidate (5x for the small case)")
     ap.add_argument("--threshold", type=int, default=0, help="fusion threshold (bytes) to compare")
     ap.add_argument("--piece", type=int, default=0, help="piece size (bytes) to compare")
     ap.add_argument("--profile", action="store_true",
