@@ -80,9 +80,9 @@ def print_table(rows, columns, title=None, out=None):
 
 
 def markdown_table(rows, columns):
-    """The same table as GitHub markdown."""
+    """The same table as GitHub markdown (formatted columns right-aligned, text left)."""
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
-             "|" + "|".join("---:" for _ in columns) + "|"]
+             "|" + "|".join("---:" if fmt else ":---" for _, _, fmt in columns) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(k), fmt) for k, _, fmt in columns) + " |")
     return "\n".join(lines)
