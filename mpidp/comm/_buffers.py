@@ -1,4 +1,6 @@
 """Arrays as MPI-ready contiguous host (or CUDA-aware device) buffers, and pieced transfers."""
+import weakref
+
 import numpy
 from mpi4py import MPI
 
@@ -9,10 +11,12 @@ from ..backend.xp import is_cupy
 from . import runtime
 from .ops import mpi_type
 
-# Large reductions go in pieces that stay in cache: on the development machine one 64 MiB
-# MPICH Allreduce took 21 ms and the same in 1 MiB pieces 5.8 ms (scripts/bench_collectives.py
-# measures it; MPIDP_PIECE_BYTES or set_piece_bytes() overrides).
-DEFAULT_PIECE_BYTES = 1 << 20
+# Large reductions go in pieces: MPICH mallocs a temporary of the message's size on every
+# Allreduce, and from 32 MiB glibc maps and unmaps it each call (8,194 page faults per 64 MiB
+# call measured). Pieces keep it small and reused. scripts/bench_collectives.py --piece-sweep
+# measured 8 MiB best over 4-64 MiB messages in five np=2 runs (geometric mean 1.05 of each
+# run's best; 1 MiB: 1.11); MPIDP_PIECE_BYTES or set_piece_bytes() overrides.
+DEFAULT_PIECE_BYTES = 8 << 20
 MAX_COUNT = 1 << 30  # elements per MPI call: under 2^31 for MPIs without MPI-4 large counts
 _piece_bytes = _env.get("MPIDP_PIECE_BYTES") or DEFAULT_PIECE_BYTES
 
@@ -82,5 +86,22 @@ def bcast_pieces(comm, buf, root):
         comm.Bcast(spec(buf[i:i + MAX_COUNT]), root=root)
 
 
-def empty_host(shape, dtype):
-    return numpy.empty(shape, dtype=dtype)
+# New host results of at least this size reuse pooled buffers: fresh memory for every result
+# page-faults on first touch (353 faults per MiB: 1 MiB allreduce 668 us instead of 143 us).
+RECYCLE_BYTES = 256 << 10
+
+
+def empty_result(xp, shape, dtype):
+    """An uninitialised result array; big NumPy ones borrow a pooled buffer until they die.
+
+    The buffer goes back to the pool when the last view of the result is gone: every
+    view keeps the memoryview alive, and its finaliser releases the buffer.
+    """
+    dtype = numpy.dtype(dtype)
+    count = int(numpy.prod(shape, dtype=numpy.int64))
+    if xp is not numpy or count * dtype.itemsize < RECYCLE_BYTES:
+        return xp.empty(shape, dtype=dtype)
+    raw = pool.acquire(count * dtype.itemsize)
+    owner = memoryview(raw)
+    weakref.finalize(owner, pool.release, raw)
+    return numpy.frombuffer(owner, dtype=dtype, count=count).reshape(shape)

@@ -9,10 +9,19 @@ from ..errors import MismatchError, describe_ranks
 _MASK = (1 << 62) - 1
 
 
+_known = {}  # signature -> fingerprint: training repeats the same few signatures every step
+
+
 def fingerprint(signature):
     """A stable 62-bit integer for a tuple of (field, value) pairs."""
-    digest = hashlib.blake2b(repr(signature).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & _MASK
+    h = _known.get(signature)
+    if h is None:
+        digest = hashlib.blake2b(repr(signature).encode(), digest_size=8).digest()
+        h = int.from_bytes(digest, "little") & _MASK
+        if len(_known) > 4096:
+            _known.clear()
+        _known[signature] = h
+    return h
 
 
 def agree(comm, collective, name, signature, advice=None):

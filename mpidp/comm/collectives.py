@@ -9,7 +9,7 @@ import numpy
 from .. import _env
 from ..backend.xp import asnumpy, get_array_module, is_float_dtype
 from . import check, stall
-from ._buffers import Staged, allreduce_pieces, bcast_pieces, flat, spec
+from ._buffers import Staged, allreduce_pieces, bcast_pieces, empty_result, flat, spec
 from .engine import Handle, engine
 from .ops import Average, as_op, check_dtype, mpi_op
 from .process_set import resolve
@@ -46,6 +46,13 @@ def _launch(blocking, run, name, seq, finish):
     return engine.submit(run, name, seq, finish)
 
 
+def _copy(xp, x):
+    """A C-contiguous copy of ``x`` (in a recycled buffer when big)."""
+    out = empty_result(xp, x.shape, x.dtype)
+    out[...] = x
+    return out
+
+
 def _scale(x, factor):
     if factor != 1.0:
         xp = get_array_module(x)
@@ -66,12 +73,12 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
     xp = get_array_module(x)
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
     if inplace or prescale_factor != 1.0:  # reduce in place in a contiguous work array
-        work = x if (inplace and x.flags.c_contiguous) else xp.array(x, order="C", copy=True)
+        work = x if (inplace and x.flags.c_contiguous) else _copy(xp, x)
         _scale(work, prescale_factor)
         send, recv = None, Staged(work)
     else:
         send = Staged(xp.ascontiguousarray(x))
-        recv = Staged(xp.empty(x.shape, dtype=x.dtype), copy_in=False)
+        recv = Staged(empty_result(xp, x.shape, x.dtype), copy_in=False)
         work = recv.array
     signature = (("op", op.name), ("dtype", x.dtype.name), ("shape", tuple(x.shape)))
     mop = mpi_op(op, x.dtype)
@@ -136,7 +143,7 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
     buffers = []
     for dtype, idx in groups.items():
         total = sum(tensors[i].size for i in idx)
-        fused = Staged(xp.empty(total, dtype=dtype), copy_in=False)
+        fused = Staged(empty_result(xp, (total,), dtype), copy_in=False)
         offset = 0
         for i in idx:  # pack straight into the buffer MPI will read
             t = tensors[i]
@@ -217,7 +224,7 @@ def _allgather_core(x, name, process_set, blocking):
             raise check.mismatch_error("allgather", comm.allgather((name, signature)), comm)
         counts = table[:, 0] * row
         displs = numpy.concatenate(([0], numpy.cumsum(counts)[:-1]))
-        out = numpy.empty((int(table[:, 0].sum()),) + tail, dtype=x.dtype)
+        out = empty_result(numpy, (int(table[:, 0].sum()),) + tail, x.dtype)
         comm.Allgatherv(spec(flat(send.host)), spec(flat(out), counts, displs))
         return out
 
@@ -246,7 +253,7 @@ def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
     name = name or f"broadcast.{seq}"
     x = _array(x, name, "broadcast")
     xp = get_array_module(x)
-    work = x if (inplace and x.flags.c_contiguous) else xp.array(x, order="C", copy=True)
+    work = x if (inplace and x.flags.c_contiguous) else _copy(xp, x)
     buf = Staged(work, copy_in=comm.Get_rank() == root)
     signature = (("root_rank", int(root_rank)), ("dtype", x.dtype.name), ("shape", tuple(x.shape)))
 
@@ -312,7 +319,7 @@ def _alltoall_core(x, splits, name, process_set, blocking):
         _agree(comm, "alltoall", name, signature)
         received = numpy.empty(n, dtype=numpy.int64)
         comm.Alltoall(splits, received)
-        out = numpy.empty((int(received.sum()),) + tail, dtype=x.dtype)
+        out = empty_result(numpy, (int(received.sum()),) + tail, x.dtype)
         sc, rc = splits * row, received * row
         sd = numpy.concatenate(([0], numpy.cumsum(sc)[:-1]))
         rd = numpy.concatenate(([0], numpy.cumsum(rc)[:-1]))
@@ -356,10 +363,10 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
     base, extra = divmod(rows, n)
     mine = base + (me < extra)  # the first ``extra`` ranks get one row more
     counts = numpy.array([(base + (r < extra)) * row for r in range(n)], dtype=numpy.int64)
-    work = xp.array(x, order="C", copy=True) if prescale_factor != 1 else xp.ascontiguousarray(x)
+    work = _copy(xp, x) if prescale_factor != 1 else xp.ascontiguousarray(x)
     _scale(work, prescale_factor)
     send = Staged(work)
-    recv = Staged(xp.empty((mine,) + tail, dtype=x.dtype), copy_in=False)
+    recv = Staged(empty_result(xp, (mine,) + tail, x.dtype), copy_in=False)
     post = postscale_factor / n if op is Average else postscale_factor
     signature = (("op", op.name), ("dtype", x.dtype.name), ("shape", tuple(x.shape)))
     mop = mpi_op(op, x.dtype)
