@@ -27,7 +27,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=["mlp", "cnn", "transformer"], default="cnn")
     p.add_argument("--data", metavar="PATH.npz", help="your own data: arrays x and y (default: bundled)")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate for one rank; scaled by the number of ranks (default per optimizer)")
