@@ -9,7 +9,8 @@ import contextlib
 import time
 
 from .. import _env
-from ..comm import check, collectives, ops, process_set as _ps, runtime
+from ..comm import check, collectives, ops, process_set as _ps
+from ..errors import MpidpError
 from ..fusion import Bucket, Compression, plan_buckets, signature
 from .. import timeline
 
@@ -46,16 +47,12 @@ class DistributedOptimizer:
         self.process_set, self._comm = _ps.resolve(process_set)
         self._set_arg = process_set
         self._size = self._comm.Get_size()
-        self.threshold = int(fusion_threshold_bytes or fusion_threshold())
         names, params = self._collect(optimizer, model, named_parameters)
         self._names, self._params = names, params
-        plan = plan_buckets(params, self.threshold, min(FIRST_BUCKET_BYTES, self.threshold))
-        self._signature = signature(names, params, plan)
-        self.buckets = [Bucket(b, [params[i] for i in idx], [names[i] for i in idx], compression)
-                        for b, idx in enumerate(plan)]
-        self._bucket_of = {id(p): bkt for bkt in self.buckets for p in bkt.params}
-        self._verified = False
+        self.replan(int(fusion_threshold_bytes or fusion_threshold()))
         self._next_fire = 0       # buckets start strictly in index order on every rank
+        self._autotune_pending = _env.get("MPIDP_AUTOTUNE")
+        self._threshold_given = fusion_threshold_bytes is not None  # explicit settings win over tuning
         self._passes = 0
         self._sync_off = False
         self._synchronized = False
@@ -87,6 +84,21 @@ class DistributedOptimizer:
         if not named:
             raise ValueError("DistributedOptimizer got no trainable parameters")
         return [n for n, _ in named], [p for _, p in named]
+
+    def replan(self, threshold_bytes):
+        """Rebuild the buckets for another fusion threshold, between steps (same order, grads kept)."""
+        if any(getattr(b, "handle", None) is not None for b in getattr(self, "buckets", [])):
+            raise MpidpError("replan() during a step: call it after step() or synchronize(), "
+                             "when no bucket is in flight")
+        self.threshold = int(threshold_bytes)
+        params, names = self._params, self._names
+        plan = plan_buckets(params, self.threshold, min(FIRST_BUCKET_BYTES, self.threshold))
+        self._signature = signature(names, params, plan)
+        self.buckets = [Bucket(b, [params[i] for i in idx], [names[i] for i in idx], self.compression)
+                        for b, idx in enumerate(plan)]
+        self._bucket_of = {id(p): bkt for bkt in self.buckets for p in bkt.params}
+        self._verified = False  # the next exchange checks the new plan across ranks
+        self._next_fire = 0
 
     # -- the hot path -----------------------------------------------------------------------------
     def _grad_ready(self, param):
@@ -150,6 +162,10 @@ class DistributedOptimizer:
         """Average the gradients (unless ``synchronize()`` already did) and update the parameters."""
         self._passes = 0
         self.synchronize()
+        if self._autotune_pending:  # MPIDP_AUTOTUNE=1: measure once, on this step's real gradients
+            self._autotune_pending = False
+            from .. import tune  # tune drives this optimizer from above; imported only when asked
+            tune.communication(self, tune_threshold=False if self._threshold_given else None)
         with timeline.span("optimizer step", "optim"):
             self.optimizer.step()
         self._synchronized = False
