@@ -128,6 +128,8 @@ def batch_size(model, sample_batch_fn, optimizer_factory, budget_bytes=None, sta
     ranks, rank = comm.Get_size(), comm.Get_rank()
     loss_fn = loss_fn or CrossEntropyLoss()
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters: nothing to tune the batch for")
     xp = get_array_module(params[0].data)
     if budget_bytes is None:
         budget_bytes = _default_budget(xp, process_set)

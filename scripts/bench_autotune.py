@@ -175,6 +175,8 @@ def run(args):
     log(f"np={np}; default threshold {bu.format_size(default[0])}, piece {bu.format_size(default[1])}; "
         f"{args.reps} reps per repeat")
     works = {"transformer": Transformer, "resnet50": ResNetShapes}
+    if rank == 0 and (FIGURES / "bench_autotune_log.csv").exists():
+        (FIGURES / "bench_autotune_log.csv").unlink()  # the log of this run only
     rows = []
     for rep in range(args.repeats):
         log(f"repeat {rep + 1}/{args.repeats}")
