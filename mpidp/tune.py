@@ -26,7 +26,7 @@ from .comm.objects import broadcast_object
 from .comm.process_set import resolve
 from .distributed import optimizer as _dopt
 from .errors import MpidpError
-from .fusion import Bucket, plan_buckets, signature
+from .fusion import plan_buckets
 
 KiB, MiB = 1 << 10, 1 << 20
 THRESHOLDS = (1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB)
@@ -358,20 +358,7 @@ def apply_fusion_threshold(dist_opt, nbytes):
     becomes a view into the new buffers), and the next bucket exchange is
     verified across ranks again. Every rank must call it with the same value.
     """
-    if any(b.handle is not None for b in dist_opt.buckets):
-        raise MpidpError("apply_fusion_threshold during a step: call it after step() or synchronize(), "
-                         "when no bucket is in flight")
-    # TODO(issue 10): call dist_opt.replan(nbytes) once the optimizer has it (the same steps, inside)
-    params, names = dist_opt._params, dist_opt._names
-    threshold = int(nbytes)
-    plan = plan_buckets(params, threshold, min(_dopt.FIRST_BUCKET_BYTES, threshold))
-    dist_opt.threshold = threshold
-    dist_opt._signature = signature(names, params, plan)
-    dist_opt.buckets = [Bucket(b, [params[i] for i in idx], [names[i] for i in idx], dist_opt.compression)
-                        for b, idx in enumerate(plan)]
-    dist_opt._bucket_of = {id(p): bkt for bkt in dist_opt.buckets for p in bkt.params}
-    dist_opt._verified = False
-    dist_opt._next_fire = 0
+    dist_opt.replan(int(nbytes))
 
 
 def exchange(dist_opt):
