@@ -220,11 +220,16 @@ def raw_strategies(shapes, comm, seed=0):
 # --- measuring ----------------------------------------------------------------------------------
 
 def measure(comm, strategies, reps, warmup=2):
-    """(median, min) seconds per step of each strategy (slowest rank), reps interleaved round-robin."""
+    """(median, min) seconds per step of each strategy (slowest rank), reps interleaved round-robin.
+
+    The order rotates by one each rep, so no strategy always runs after the same neighbour.
+    """
     names = list(strategies)
     times = numpy.zeros((reps, len(names)))
     for r in range(-warmup, reps):
-        for j, name in enumerate(names):
+        for k in range(len(names)):
+            j = (k + r) % len(names)
+            name = names[j]
             fn = strategies[name]
             getattr(fn, "prepare", lambda: None)()
             comm.Barrier()
