@@ -79,7 +79,7 @@ class BatchResult:
 
 def batch_size(model, sample_batch_fn, optimizer_factory, budget_bytes=None, start=8, max_batch=4096,
                improve_threshold=0.05, lr_rule="linear", base_lr=None, base_batch=None, loss_fn=None,
-               steps=3, warmup=1, refine_steps=2, granularity=None, timer=time.perf_counter,
+               steps=5, warmup=1, refine_steps=2, granularity=None, timer=time.perf_counter,
                process_set=None, log=None):
     """Choose the per-rank batch by measurement: the largest that fits the budget and still pays.
 
