@@ -95,13 +95,15 @@ def empty_result(xp, shape, dtype):
     """An uninitialised result array; big NumPy ones borrow a pooled buffer until they die.
 
     The buffer goes back to the pool when the last view of the result is gone: every
-    view keeps the memoryview alive, and its finaliser releases the buffer.
+    view keeps NumPy's memoryview of it alive, and that memoryview's finaliser
+    releases the buffer.
     """
     dtype = numpy.dtype(dtype)
     count = int(numpy.prod(shape, dtype=numpy.int64))
     if xp is not numpy or count * dtype.itemsize < RECYCLE_BYTES:
         return xp.empty(shape, dtype=dtype)
     raw = pool.acquire(count * dtype.itemsize)
-    owner = memoryview(raw)
-    weakref.finalize(owner, pool.release, raw)
-    return numpy.frombuffer(owner, dtype=dtype, count=count).reshape(shape)
+    flat_result = numpy.frombuffer(memoryview(raw), dtype=dtype, count=count)
+    # NumPy keeps its own memoryview as the base; every view of the result keeps it alive
+    weakref.finalize(flat_result.base, pool.release, raw)
+    return flat_result.reshape(shape)

