@@ -13,10 +13,11 @@ from .ops import mpi_type
 
 # Large reductions go in pieces: MPICH mallocs a temporary of the message's size on every
 # Allreduce, and from 32 MiB glibc maps and unmaps it each call (8,194 page faults per 64 MiB
-# call measured). Pieces keep it small and reused. scripts/bench_collectives.py --piece-sweep
-# measured 8 MiB best over 4-64 MiB messages in five np=2 runs (geometric mean 1.05 of each
-# run's best; 1 MiB: 1.11); MPIDP_PIECE_BYTES or set_piece_bytes() overrides.
-DEFAULT_PIECE_BYTES = 8 << 20
+# call measured). Pieces keep it small and reused. Measured at np=2: over 4-64 MiB messages
+# (bench_collectives.py --piece-sweep, five runs) 2 MiB pieces averaged 1.06x each run's best
+# (8 MiB 1.05, 1 MiB 1.11); on ResNet-50 gradient buckets (bench_gradsync.py --sweep) 2 MiB
+# was best (8 MiB 11% slower). MPIDP_PIECE_BYTES or set_piece_bytes() overrides.
+DEFAULT_PIECE_BYTES = 2 << 20
 MAX_COUNT = 1 << 30  # elements per MPI call: under 2^31 for MPIs without MPI-4 large counts
 _piece_bytes = _env.get("MPIDP_PIECE_BYTES") or DEFAULT_PIECE_BYTES
 
