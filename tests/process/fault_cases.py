@@ -66,7 +66,8 @@ CASES = [
          timeout=8, bound_s=5, env={"MPIDP_INIT_TIMEOUT_S": "3"},
          note="the other ranks leave MPI_Init after MPIDP_INIT_TIMEOUT_S (default 300 s)"),
     Case("exception_at_init", "exception on one rank right after `mpidp.init()`", "init",
-         rc="nonzero",  # 1 from MPI_Abort, or 9 when hydra's SIGKILL of a peer is reported first message=r"\[rank 1/3\] RuntimeError: injected failure right after mpidp.init", np=3),
+         # 1 from MPI_Abort, or 9 when hydra's SIGKILL of a peer is reported first
+         rc="nonzero", message=r"\[rank 1/3\] RuntimeError: injected failure right after mpidp.init", np=3),
     Case("exception_in_forward", "exception in forward (layer hook) on one rank", "forward",
          rc=1, message=r"\[rank 1/2\] RuntimeError: injected failure in forward"),
     Case("exception_in_backward", "exception inside backward, gradient buckets in flight", "backward",
