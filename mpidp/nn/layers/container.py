@@ -2,47 +2,14 @@
 from ..module import Module
 
 
-class Sequential(Module):
-    """Applies its modules in order; backward runs them in reverse."""
-
-    def __init__(self, *modules):
-        super().__init__()
-        for i, m in enumerate(modules):
-            if not isinstance(m, Module):
-                raise TypeError(f"Sequential takes Modules, argument {i} is a {type(m).__name__}")
-            self.add_module(str(i), m)
-
-    def append(self, module):
-        """Add ``module`` at the end; returns self."""
-        self.add_module(str(len(self._modules)), module)
-        return self
-
-    def __getitem__(self, i):
-        return list(self._modules.values())[i]
-
-    def __len__(self):
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def forward(self, x):
-        for m in self._modules.values():
-            x = m(x)
-        return x
-
-    def _backward(self, dy):
-        for m in reversed(list(self._modules.values())):
-            dy = m.backward(dy)
-        return dy
-
-
 class ModuleList(Module):
     """A list of registered modules with no forward of its own."""
 
     def __init__(self, modules=()):
         super().__init__()
-        for m in modules:
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(f"{type(self).__name__} takes Modules, argument {i} is a {type(m).__name__}")
             self.append(m)
 
     def append(self, module):
@@ -58,6 +25,23 @@ class ModuleList(Module):
 
     def __iter__(self):
         return iter(self._modules.values())
+
+
+class Sequential(ModuleList):
+    """Applies its modules in order; backward runs them in reverse."""
+
+    def __init__(self, *modules):
+        super().__init__(modules)
+
+    def forward(self, x):
+        for m in self._modules.values():
+            x = m(x)
+        return x
+
+    def _backward(self, dy):
+        for m in reversed(list(self._modules.values())):
+            dy = m.backward(dy)
+        return dy
 
 
 class Residual(Module):
