@@ -69,16 +69,24 @@ def spec(a, count=None, displ=None):
     return [a, count, displ, mpi_type(a.dtype)]
 
 
-def allreduce_pieces(comm, send, recv, mpi_op):
-    """Allreduce 1-D ``recv`` (from ``send``, or in place when send is None) in cache-sized pieces."""
+def allreduce_pieces(comm, send, recv, mpi_op, scale=1.0):
+    """Allreduce 1-D ``recv`` (from ``send``, or in place when send is None) in cache-sized pieces.
+
+    ``scale`` (host ``recv`` only) multiplies the result in one pass after the last piece,
+    in the thread that ran the exchange. Scaling each piece right after its Allreduce
+    measured 2x the cost of one pass after (ResNet-50 gradients, np=2, MPICH): the
+    piece MPI just wrote is not in this core's cache.
+    """
     n = recv.size
     if n == 0:
         return
+    datatype = mpi_type(recv.dtype)
     step = max(1, min(MAX_COUNT, _piece_bytes // recv.itemsize))
     for i in range(0, n, step):
-        j = min(n, i + step)
-        source = MPI.IN_PLACE if send is None else spec(send[i:j])
-        comm.Allreduce(source, spec(recv[i:j]), op=mpi_op)
+        source = MPI.IN_PLACE if send is None else [send[i:i + step], datatype]
+        comm.Allreduce(source, [recv[i:i + step], datatype], op=mpi_op)
+    if scale != 1.0:
+        numpy.multiply(recv, scale, out=recv, casting="unsafe")
 
 
 def bcast_pieces(comm, buf, root):

@@ -11,7 +11,7 @@ from ..backend.xp import asnumpy, get_array_module, is_float_dtype
 from . import check, stall
 from ._buffers import Staged, allreduce_pieces, bcast_pieces, empty_result, flat, spec
 from .engine import Handle, engine
-from .ops import Average, as_op, check_dtype, mpi_op
+from .ops import Average, Sum, as_op, check_dtype, mpi_op
 from .process_set import resolve
 
 _check_enabled = _env.get("MPIDP_CHECK")
@@ -61,7 +61,8 @@ def _scale(x, factor):
 
 # --- allreduce --------------------------------------------------------------------------------
 
-def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking):
+def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
+                    checked=True):
     op = as_op(op)
     _, comm = resolve(process_set)
     seq = stall.started()
@@ -80,24 +81,38 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
         send = Staged(xp.ascontiguousarray(x))
         recv = Staged(empty_result(xp, x.shape, x.dtype), copy_in=False)
         work = recv.array
-    signature = (("op", op.name), ("dtype", x.dtype.name), ("shape", tuple(x.shape)))
+    # host results are scaled piece by piece inside the exchange, device ones after it
+    inline = isinstance(recv.host, numpy.ndarray)
+    signature = (("op", op.name), ("dtype", x.dtype.name), ("shape", x.shape)) if checked else None
     mop = mpi_op(op, x.dtype)
 
     def run():
-        _agree(comm, "allreduce", name, signature)
-        allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop)
+        if checked:
+            _agree(comm, "allreduce", name, signature)
+        allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop,
+                         post if inline else 1.0)
 
     def finish(_):
         if send is not None:
             send.finish(copy_out=False)
         recv.finish()
-        _scale(work, post)
+        if not inline:
+            _scale(work, post)
         if inplace and work is not x:
             x[...] = work
             return x
         return work
 
     return _launch(blocking, run, name, seq, finish)
+
+
+def fused_allreduce_async_(x, name, process_set=None):
+    """Start summing ``x`` (a fusion buffer) in place over the ranks, with no per-call mismatch check.
+
+    For callers that verified the layout of every buffer across ranks once (the
+    DistributedOptimizer checks its bucket plan on the first step).
+    """
+    return _allreduce_core(x, Sum, name, 1.0, 1.0, process_set, True, False, checked=False)
 
 
 def allreduce(x, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None):

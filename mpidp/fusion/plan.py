@@ -12,7 +12,7 @@ def plan_buckets(params, threshold_bytes, first_bucket_bytes=None, key=None):
     so communication starts early. ``key(p)`` (default: dtype and array module)
     must be equal within a bucket.
     """
-    key = key or _buffer_kind
+    key = key or buffer_kind
     first = threshold_bytes if first_bucket_bytes is None else min(first_bucket_bytes, threshold_bytes)
     buckets, current, current_bytes, current_kind = [], [], 0, None
     for index in reversed(range(len(params))):
@@ -30,7 +30,8 @@ def plan_buckets(params, threshold_bytes, first_bucket_bytes=None, key=None):
     return buckets
 
 
-def _buffer_kind(p):
+def buffer_kind(p):
+    """(dtype, array module name) of ``p``'s gradient: buckets and their arenas hold one kind."""
     # host-tier (offloaded) gradients are NumPy while the rest may be CuPy: never one buffer
     return numpy.dtype(p.dtype), get_array_module(p.grad if p.grad is not None else p.data).__name__
 
