@@ -26,7 +26,7 @@ from .comm.objects import broadcast_object
 from .comm.process_set import resolve
 from .distributed import optimizer as _dopt
 from .errors import MpidpError
-from .fusion import plan_buckets
+
 
 KiB, MiB = 1 << 10, 1 << 20
 THRESHOLDS = (1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB)
@@ -539,7 +539,7 @@ def _measure(dist_opt, pairs, reps, warmup, timer):
 def _layout(dist_opt, threshold, piece):
     """The MPI calls a (threshold, piece) pair makes: per bucket, its elements and its piece length."""
     params = _registered(dist_opt)
-    plan = plan_buckets(params, threshold, min(_dopt.FIRST_BUCKET_BYTES, threshold))
+    plan = _dopt.plan(params, threshold)
     calls = []
     for idx in plan:
         elems = sum(params[i].size for i in idx)

@@ -11,9 +11,15 @@ by rep so that drift and the other users of the machine hit them alike:
     raw per-tensor   one ``Allreduce`` per gradient array
     raw flat         one ``Allreduce`` of one flat buffer of the same total size
     raw 1MiB pieces  that flat buffer reduced in 1 MiB pieces
+    ... + average    the same, then the division by the ranks a hand-written average needs
     mpidp sync       DistributedOptimizer.step() with every gradient ready (no overlap)
     mpidp hooks      backward fires the gradient-ready hooks in reverse order, then step()
                      ("(backward walk alone)": that backward with no optimizer, for reference)
+    mpidp ... op=Sum DistributedOptimizer(op=mpidp.Sum): the same work as the raw sums
+
+The raw strategies sum; mpidp averages by default, which costs one pass over the
+gradients. Each row's ratio is to the best raw strategy doing the same work: the
+plain raw sums for raw rows and op=Sum rows, the raw "+ average" rows otherwise.
 
 A step is timed on every rank from a barrier; its time is the slowest rank's,
 and tables show medians over reps. ``--sweep`` first measures mpidp over a
@@ -142,12 +148,12 @@ class NoStep:
         pass
 
 
-def mpidp_exchange(model, threshold, piece, hooks):
+def mpidp_exchange(model, threshold, piece, hooks, op=None):
     """A step function: the DistributedOptimizer exchange of ``model``'s gradients."""
     import mpidp
     from mpidp.comm import _buffers
 
-    opt = mpidp.DistributedOptimizer(NoStep(model.parameters()), model=model,
+    opt = mpidp.DistributedOptimizer(NoStep(model.parameters()), model=model, op=op or mpidp.Average,
                                      fusion_threshold_bytes=threshold, overlap=hooks)
     x = numpy.zeros(1, numpy.float32)
 
@@ -214,7 +220,21 @@ def raw_strategies(shapes, comm, seed=0):
         for i in range(0, total, step):
             comm.Allreduce(MPI.IN_PLACE, flat2[i:i + step], op=MPI.SUM)
 
-    return {"raw per-tensor": per_tensor, "raw flat": one_flat, f"raw {bu.format_size(RAW_PIECE)} pieces": pieces}
+    flat3, flat4 = flat.copy(), flat.copy()
+    scale = numpy.float32(1.0 / comm.Get_size())
+
+    def one_flat_average():
+        comm.Allreduce(MPI.IN_PLACE, flat3, op=MPI.SUM)
+        numpy.multiply(flat3, scale, out=flat3)
+
+    def pieces_average():
+        for i in range(0, total, step):
+            comm.Allreduce(MPI.IN_PLACE, flat4[i:i + step], op=MPI.SUM)
+        numpy.multiply(flat4, scale, out=flat4)
+
+    pieced = f"raw {bu.format_size(RAW_PIECE)} pieces"
+    return {"raw per-tensor": per_tensor, "raw flat": one_flat, pieced: pieces,
+            "raw flat + average": one_flat_average, pieced + " + average": pieces_average}
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -244,8 +264,17 @@ def measure(comm, strategies, reps, warmup=2):
         {name: float(times[:, j].min()) for j, name in enumerate(names)}
 
 
-def best_raw(result):
-    return min(v for k, v in result.items() if isinstance(k, str) and k.startswith("raw"))
+def best_raw(result, average=True):
+    """Seconds of the fastest raw strategy that averages (or, average=False, only sums)."""
+    return min(v for k, v in result.items()
+               if isinstance(k, str) and k.startswith("raw") and k.endswith(" + average") == average)
+
+
+def floor_for(name, result):
+    """The raw strategy a row is compared with: the best one doing the same work."""
+    averages = isinstance(name, tuple) or (name.startswith("mpidp") and "op=Sum" not in name) \
+        or name.endswith(" + average")
+    return best_raw(result, average=averages)
 
 
 def layout(opt, piece):
@@ -274,14 +303,15 @@ def sweep(comm, reps, thresholds, pieces, log):
                 same[t, p] = first.setdefault(key, (t, p))
                 if same[t, p] == (t, p):
                     strategies[t, p] = at_piece(run, p)
-        n = reps if sum(int(numpy.prod(s)) for s in shapes) * 4 > 16 * MiB else 5 * reps  # small: cheap
+        n = reps_for(shapes, reps)
         log(f"sweep {case}: {len(strategies)} distinct strategies x {n} reps ...")
         result, low = measure(comm, strategies, n)
         floor = best_raw(result)
         for key, sec in result.items():
             if not isinstance(key, tuple):
                 rows.append({"case": case, "strategy": key, "threshold": "", "piece": "", "same_as": "",
-                             "ms": sec * 1e3, "ratio": sec / floor, "ms_min": low[key] * 1e3})
+                             "ms": sec * 1e3, "ratio": sec / floor_for(key, result),
+                             "ms_min": low[key] * 1e3})
         for (t, p), ref in same.items():
             grid[case, t, p] = result[ref] / floor
             rows.append({"case": case, "strategy": "mpidp sync", "threshold": t, "piece": p,
@@ -289,6 +319,11 @@ def sweep(comm, reps, thresholds, pieces, log):
                          "ratio": result[ref] / floor, "ms_min": low[ref] * 1e3})
         del strategies
     return rows, grid
+
+
+def reps_for(shapes, reps):
+    """Small gradient sets get 5x the reps: a step is cheap and its timing noisier."""
+    return reps if sum(int(numpy.prod(s)) for s in shapes) * 4 > 16 * MiB else 5 * reps
 
 
 def choose(grid, thresholds, pieces):
@@ -300,23 +335,35 @@ def choose(grid, thresholds, pieces):
 
 def confirm(comm, reps, default, chosen):
     """The table: raw strategies and mpidp at the default and at the chosen settings."""
+    import mpidp
+
     rows = []
     settings = [("default", default)] + ([("tuned", chosen)] if chosen != default else [])
     for case, shapes in CASES.items():
         strategies, where = dict(raw_strategies(shapes, comm)), {}
         for label, (t, p) in settings:
-            for mode in ("sync", "hooks"):
-                name = f"mpidp {mode} ({label})"
-                strategies[name] = mpidp_exchange(gradient_model(shapes), t, p, hooks=mode == "hooks")
+            for mode, op in (("sync", None), ("hooks", None), ("sync", mpidp.Sum)):
+                name = f"mpidp {mode} ({label})" + (" op=Sum" if op is not None else "")
+                strategies[name] = mpidp_exchange(gradient_model(shapes), t, p, hooks=mode == "hooks", op=op)
                 where[name] = (t, p)
         strategies["(backward walk alone)"] = backward_walk(gradient_model(shapes))
-        result, low = measure(comm, strategies, reps)
-        floor = best_raw(result)
+        result, low = measure(comm, strategies, reps_for(shapes, reps))
         for name, sec in result.items():
             t, p = where.get(name, ("", ""))
             rows.append({"case": case, "strategy": name, "threshold": t, "piece": p, "ms": sec * 1e3,
-                         "ratio": sec / floor, "ms_min": low[name] * 1e3, "ratio_min": low[name] / best_raw(low)})
+                         "ratio": sec / floor_for(name, result), "ms_min": low[name] * 1e3,
+                         "ratio_min": low[name] / floor_for(name, low)})
     return rows
+
+
+def verdict(rows):
+    """Lines: the target (mpidp no slower than the best raw strategy doing the same work), per case."""
+    out = ["target: mpidp no slower than the best raw strategy doing the same work "
+           "(ratio of medians; <= 1.00 meets it)"]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case and r["strategy"].startswith("mpidp")]
+        out.append(f"  {case}: " + ", ".join(f"{r['strategy']} {r['ratio']:.2f}" for r in mine))
+    return out
 
 
 def breakdown(comm, reps, threshold, piece):
@@ -467,6 +514,7 @@ def run(args):
     rows = confirm(comm, args.reps, default, chosen)
     if rank == 0:
         bu.print_table(table_rows(rows), TABLE)
+        print("\n".join(verdict(rows)))
         if args.markdown:
             print(bu.markdown_table(table_rows(rows), TABLE))
         bu.write_csv(FIGURES / "bench_gradsync.csv", [{**extra, **r} for r in rows])

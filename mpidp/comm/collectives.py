@@ -40,10 +40,10 @@ def _array(x, name, what):
     return x
 
 
-def _launch(blocking, run, name, seq, finish):
+def _launch(blocking, run, name, seq, finish, wake=True):
     if blocking:
         return engine.run(run, name, seq, finish)
-    return engine.submit(run, name, seq, finish)
+    return engine.submit(run, name, seq, finish, wake)
 
 
 def _copy(xp, x):
@@ -62,7 +62,7 @@ def _scale(x, factor):
 # --- allreduce --------------------------------------------------------------------------------
 
 def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
-                    checked=True):
+                    checked=True, wake=True):
     op = as_op(op)
     _, comm = resolve(process_set)
     seq = stall.started()
@@ -103,16 +103,17 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
             return x
         return work
 
-    return _launch(blocking, run, name, seq, finish)
+    return _launch(blocking, run, name, seq, finish, wake)
 
 
-def fused_allreduce_async_(x, name, process_set=None):
+def fused_allreduce_async_(x, name, process_set=None, wake=True):
     """Start summing ``x`` (a fusion buffer) in place over the ranks, with no per-call mismatch check.
 
     For callers that verified the layout of every buffer across ranks once (the
-    DistributedOptimizer checks its bucket plan on the first step).
+    DistributedOptimizer checks its bucket plan on the first step). ``wake=False``:
+    the caller waits for it at once and runs it in its own thread.
     """
-    return _allreduce_core(x, Sum, name, 1.0, 1.0, process_set, True, False, checked=False)
+    return _allreduce_core(x, Sum, name, 1.0, 1.0, process_set, True, False, checked=False, wake=wake)
 
 
 def allreduce(x, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None):
