@@ -13,23 +13,30 @@ from .ops import mpi_type
 
 # Large reductions go in pieces: MPICH mallocs a temporary of the message's size on every
 # Allreduce, and from 32 MiB glibc maps and unmaps it each call (8,194 page faults per 64 MiB
-# call measured). Pieces keep it small and reused. Measured at np=2: over 4-64 MiB messages
-# (bench_collectives.py --piece-sweep, five runs) 2 MiB pieces averaged 1.06x each run's best
-# (8 MiB 1.05, 1 MiB 1.11); on ResNet-50 gradient buckets (bench_gradsync.py --sweep) 2 MiB
-# was best (8 MiB 11% slower). MPIDP_PIECE_BYTES or set_piece_bytes() overrides.
-DEFAULT_PIECE_BYTES = 2 << 20
+# call measured). Pieces keep it small and reused, and the best size differs by form (np=2,
+# MPICH, this machine):
+# - out of place (send -> new result): 512 KiB pieces beat one call at every size from 1 MiB
+#   (0.66x at 1 MiB, 0.62x at 4 MiB, 0.93x at 16 MiB, 0.42x at 64 MiB; 256 KiB-16 MiB timed);
+# - in place (allreduce_, gradient buckets): 2 MiB was best on ResNet-50 gradient buckets
+#   (bench_gradsync.py --sweep), and bench_collectives.py --piece-sweep times single messages.
+# MPIDP_PIECE_BYTES (both forms) or set_piece_bytes() overrides.
+DEFAULT_PIECE_BYTES = 512 << 10
+DEFAULT_INPLACE_PIECE_BYTES = 2 << 20
 MAX_COUNT = 1 << 30  # elements per MPI call: under 2^31 for MPIs without MPI-4 large counts
-_piece_bytes = _env.get("MPIDP_PIECE_BYTES") or DEFAULT_PIECE_BYTES
+_pieces = {False: _env.get("MPIDP_PIECE_BYTES") or DEFAULT_PIECE_BYTES,
+           True: _env.get("MPIDP_PIECE_BYTES") or DEFAULT_INPLACE_PIECE_BYTES}
 
 
-def piece_bytes():
-    return _piece_bytes
+def piece_bytes(in_place=True):
+    """Bytes per piece of a large allreduce, in place (default) or out of place."""
+    return _pieces[bool(in_place)]
 
 
-def set_piece_bytes(nbytes):
-    """Bytes per piece of a large allreduce (0 restores the default)."""
-    global _piece_bytes
-    _piece_bytes = int(nbytes) or DEFAULT_PIECE_BYTES
+def set_piece_bytes(nbytes, in_place=None):
+    """Set the piece size (0 restores the default) of in-place or out-of-place allreduces (None: both)."""
+    for form in ((True, False) if in_place is None else (bool(in_place),)):
+        default = DEFAULT_INPLACE_PIECE_BYTES if form else DEFAULT_PIECE_BYTES
+        _pieces[form] = int(nbytes) or default
 
 
 class Staged:
@@ -81,7 +88,7 @@ def allreduce_pieces(comm, send, recv, mpi_op, scale=1.0):
     if n == 0:
         return
     datatype = mpi_type(recv.dtype)
-    step = max(1, min(MAX_COUNT, _piece_bytes // recv.itemsize))
+    step = max(1, min(MAX_COUNT, _pieces[send is None] // recv.itemsize))
     for i in range(0, n, step):
         source = MPI.IN_PLACE if send is None else [send[i:i + step], datatype]
         comm.Allreduce(source, [recv[i:i + step], datatype], op=mpi_op)

@@ -65,15 +65,18 @@ def test_allreduce_scaling_and_noncontiguous(xp, rank, size, dtype):
 def test_allreduce_in_pieces(rank, size, piece):
     """Pieced reductions give the same result whatever the piece size (incl. a ragged last piece)."""
     from mpidp.comm import _buffers
-    old = _buffers.piece_bytes()
+    old = _buffers.piece_bytes(in_place=True), _buffers.piece_bytes(in_place=False)
     _buffers.set_piece_bytes(piece)
     try:
         arrays = inputs((12345,), "float32", size)
         close(mpidp.allreduce(arrays[rank], op=mpidp.Sum), reference(arrays, "Sum"), "float32")
         y = arrays[rank].copy()
         close(mpidp.allreduce_(y, op=mpidp.Min), reference(arrays, "Min"), "float32")
+        y = arrays[rank].copy()  # the average is scaled after the last piece
+        close(mpidp.allreduce_(y), reference(arrays, "Sum") / size, "float32")
     finally:
-        _buffers.set_piece_bytes(old)
+        _buffers.set_piece_bytes(old[0], in_place=True)
+        _buffers.set_piece_bytes(old[1], in_place=False)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int64"])
