@@ -62,7 +62,7 @@ def _scale(x, factor):
 # --- allreduce --------------------------------------------------------------------------------
 
 def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
-                    checked=True, wake=True):
+                    wake=True):
     op = as_op(op)
     _, comm = resolve(process_set)
     seq = stall.started()
@@ -83,12 +83,11 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
         work = recv.array
     # host results are scaled piece by piece inside the exchange, device ones after it
     inline = isinstance(recv.host, numpy.ndarray)
-    signature = (("op", op.name), ("dtype", x.dtype.name), ("shape", x.shape)) if checked else None
+    signature = (("op", op.name), ("dtype", x.dtype.name), ("shape", x.shape))
     mop = mpi_op(op, x.dtype)
 
     def run():
-        if checked:
-            _agree(comm, "allreduce", name, signature)
+        _agree(comm, "allreduce", name, signature)
         allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop,
                          post if inline else 1.0)
 
@@ -107,13 +106,13 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
 
 
 def fused_allreduce_async_(x, name, process_set=None, wake=True):
-    """Start summing ``x`` (a fusion buffer) in place over the ranks, with no per-call mismatch check.
+    """Start summing ``x`` (a fusion buffer) in place over the ranks.
 
-    For callers that verified the layout of every buffer across ranks once (the
-    DistributedOptimizer checks its bucket plan on the first step). ``wake=False``:
-    the caller waits for it at once and runs it in its own thread.
+    ``wake=False`` leaves the engine thread asleep: the caller waits for the result at
+    once and so runs the exchange in its own thread. The mismatch check stays on: it
+    is what turns a rank that skipped a collective into a MismatchError (about 4 us).
     """
-    return _allreduce_core(x, Sum, name, 1.0, 1.0, process_set, True, False, checked=False, wake=wake)
+    return _allreduce_core(x, Sum, name, 1.0, 1.0, process_set, True, False, wake)
 
 
 def allreduce(x, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None):
