@@ -81,22 +81,18 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
         send = Staged(xp.ascontiguousarray(x))
         recv = Staged(empty_result(xp, x.shape, x.dtype), copy_in=False)
         work = recv.array
-    # host results are scaled piece by piece inside the exchange, device ones after it
-    inline = isinstance(recv.host, numpy.ndarray)
     signature = (("op", op.name), ("dtype", x.dtype.name), ("shape", x.shape))
     mop = mpi_op(op, x.dtype)
 
     def run():
         _agree(comm, "allreduce", name, signature)
-        allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop,
-                         post if inline else 1.0)
+        allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop)
 
     def finish(_):
         if send is not None:
             send.finish(copy_out=False)
         recv.finish()
-        if not inline:
-            _scale(work, post)
+        _scale(work, post)
         if inplace and work is not x:
             x[...] = work
             return x

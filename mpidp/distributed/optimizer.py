@@ -136,13 +136,12 @@ class DistributedOptimizer:
             arena = _arena(xp, sum(sizes), first.dtype)
             arena.fill(0)
             wire_dtype = self.compression.wire(first.dtype)
-            wire = None if wire_dtype == first.dtype else _arena(xp, sum(sizes), wire_dtype)
+            wire = arena if wire_dtype == first.dtype else _arena(xp, sum(sizes), wire_dtype)
             offset = 0
             for b, size in zip(members, sizes):
-                part = slice(offset, offset + size)
+                flat = arena[offset:offset + size]
                 buckets[b] = Bucket(b, [params[i] for i in layout[b]], [names[i] for i in layout[b]],
-                                    self.compression, flat=arena[part],
-                                    wire=None if wire is None else wire[part])
+                                    flat, flat if wire is arena else wire[offset:offset + size])
                 offset += size
         return buckets
 
