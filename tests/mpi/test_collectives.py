@@ -61,22 +61,32 @@ def test_allreduce_scaling_and_noncontiguous(xp, rank, size, dtype):
     close(t, reference(arrays, "Max")[:, ::2], dtype)
 
 
-@pytest.mark.parametrize("piece", [64, 4096, 1 << 20])
-def test_allreduce_in_pieces(rank, size, piece):
-    """Pieced reductions give the same result whatever the piece size (incl. a ragged last piece)."""
+@pytest.mark.parametrize("piece", [2, 64, 4096, 1 << 20])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32"])
+def test_allreduce_in_pieces(rank, size, piece, dtype):
+    """Split reductions (reduce-scatter + allgather in pieces) give the same result whatever the
+    piece size: a ragged last piece, a remainder that does not split over the ranks, fewer
+    elements than ranks, and a piece smaller than one element."""
     from mpidp.comm import _buffers
-    old = _buffers.piece_bytes(in_place=True), _buffers.piece_bytes(in_place=False)
+    old = _buffers.piece_bytes(), _buffers.SPLIT_FROM
     _buffers.set_piece_bytes(piece)
+    _buffers.SPLIT_FROM = 1  # split every message, however small
     try:
-        arrays = inputs((12345,), "float32", size)
-        close(mpidp.allreduce(arrays[rank], op=mpidp.Sum), reference(arrays, "Sum"), "float32")
-        y = arrays[rank].copy()
-        close(mpidp.allreduce_(y, op=mpidp.Min), reference(arrays, "Min"), "float32")
-        y = arrays[rank].copy()  # the average is scaled after the last piece
-        close(mpidp.allreduce_(y), reference(arrays, "Sum") / size, "float32")
+        for n in (12345, 12346, 1, 3, 0):
+            arrays = inputs((n,), dtype, size, salt=n)
+            got = mpidp.allreduce(arrays[rank], op=mpidp.Sum)
+            close(got, reference(arrays, "Sum"), dtype)
+            assert got.tobytes() == mpidp.broadcast(got, 0).tobytes()  # bitwise the same on every rank
+            y = arrays[rank].copy()
+            close(mpidp.allreduce_(y, op=mpidp.Min), reference(arrays, "Min"), dtype)
+            y = arrays[rank].copy()
+            close(mpidp.allreduce_(y, op=mpidp.Max), reference(arrays, "Max"), dtype)
+            if dtype != "int32":  # the average is scaled after the last piece
+                y = arrays[rank].copy()
+                close(mpidp.allreduce_(y), reference(arrays, "Sum") / size, dtype)
     finally:
-        _buffers.set_piece_bytes(old[0], in_place=True)
-        _buffers.set_piece_bytes(old[1], in_place=False)
+        _buffers.set_piece_bytes(old[0])
+        _buffers.SPLIT_FROM = old[1]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int64"])
