@@ -7,38 +7,45 @@ from mpi4py import MPI
 from .. import _env
 from ..backend.device import sync_before_mpi
 from ..backend.pinned import pool, staged
-from ..backend.xp import get_array_module, is_cupy
+from ..backend.xp import is_cupy
 from . import runtime
 from .ops import mpi_type
 
-# Large reductions are a reduce-scatter then an allgather, in pieces. Each piece is split in
-# one part per rank: Reduce_scatter_block leaves rank r the sum of part r, and an in-place
-# Allgather hands every part to every rank. Measured against one comm.Allreduce (np=2, MPICH,
-# this machine): 0.62x at 1 MiB, 0.65x at 4 MiB, 0.71x at 16 MiB, 0.32x at 64 MiB, where pieced
-# Allreduce calls gave 0.8x, 0.8x, 1.0x and 0.44x. Every element is reduced on one rank only, so
-# the ranks get bitwise the same result. Why pieces: MPICH mallocs a temporary of the message's
-# size on every call, and from 32 MiB glibc maps and unmaps it each time (8,194 page faults per
-# 64 MiB call measured); pieces keep it small, reused and in cache.
-# - PIECE: the bytes of its part that each rank reduces per piece. 512 KiB was best at np=2, 3
-#   and 4 (a piece is then 1, 1.5 or 2 MiB of the message). MPIDP_PIECE_BYTES or
-#   set_piece_bytes() overrides it.
-# - SPLIT_FROM: smaller messages are one Allreduce (two calls cost more than they save: at
-#   64 KiB 1.0x, at 128 KiB 0.76x in place, 1.0x out of place).
+# Large reductions go in pieces: MPICH mallocs a temporary of the message's size on every
+# Allreduce, and from 32 MiB glibc maps and unmaps it each call (8,194 page faults per 64 MiB
+# call measured). Pieces keep it small, reused and in cache. How a piece is reduced differs by
+# form (np=2, MPICH, this machine, ratios to one comm.Allreduce of the whole message):
+# - out of place (send -> new result): each piece is a Reduce_scatter_block that leaves rank r
+#   the sum of part r of the piece, then an in-place Allgather that hands every part to every
+#   rank: 0.57x at 1 MiB, 0.41-0.54x at 4 MiB, 0.70x at 16 MiB, 0.32x at 64 MiB, where pieced
+#   Allreduce calls gave 0.8x, 0.8x, 1.0x and 0.44x. Each element is reduced on one rank only,
+#   so every rank gets bitwise the same result. The piece setting is the part each rank
+#   reduces: 512 KiB was best at np=2, 3 and 4. Messages under SPLIT_FROM are one Allreduce:
+#   two calls cost more than they save below 128 KiB.
+# - in place (allreduce_, gradient buckets): MPI forbids a reduce-scatter into the buffer it
+#   reads, and the extra copy through a scratch part made it 1.2x slower than Allreduce calls
+#   of 2 MiB on ResNet-50's 102 MB of gradients (data not in cache). So in place stays pieced
+#   Allreduce calls; 2 MiB was best on ResNet-50 buckets (bench_gradsync.py --sweep).
+# MPIDP_PIECE_BYTES (both forms) or set_piece_bytes() overrides.
 DEFAULT_PIECE_BYTES = 512 << 10
+DEFAULT_INPLACE_PIECE_BYTES = 2 << 20
 SPLIT_FROM = 128 << 10
 MAX_COUNT = 1 << 30  # elements per MPI call: under 2^31 for MPIs without MPI-4 large counts
-_piece = _env.get("MPIDP_PIECE_BYTES") or DEFAULT_PIECE_BYTES
+_pieces = {False: _env.get("MPIDP_PIECE_BYTES") or DEFAULT_PIECE_BYTES,
+           True: _env.get("MPIDP_PIECE_BYTES") or DEFAULT_INPLACE_PIECE_BYTES}
 
 
-def piece_bytes():
-    """Bytes of its part that each rank reduces per piece of a large allreduce."""
-    return _piece
+def piece_bytes(in_place=True):
+    """Piece size of a large allreduce: in place, bytes per Allreduce call; out of place,
+    the bytes of its part that each rank reduces per piece."""
+    return _pieces[bool(in_place)]
 
 
-def set_piece_bytes(nbytes):
-    """Set the per-rank piece size of large allreduces (0 restores the default)."""
-    global _piece
-    _piece = int(nbytes) or DEFAULT_PIECE_BYTES
+def set_piece_bytes(nbytes, in_place=None):
+    """Set the piece size (0 restores the default) of in-place or out-of-place allreduces (None: both)."""
+    for form in ((True, False) if in_place is None else (bool(in_place),)):
+        default = DEFAULT_INPLACE_PIECE_BYTES if form else DEFAULT_PIECE_BYTES
+        _pieces[form] = int(nbytes) or default
 
 
 class Staged:
@@ -81,48 +88,32 @@ def spec(a, count=None, displ=None):
 def allreduce_pieces(comm, send, recv, mpi_op):
     """Allreduce 1-D ``recv`` (from ``send``, or in place when send is None) over ``comm``.
 
-    From SPLIT_FROM bytes on (and with more than one rank) it goes in pieces, each a
-    reduce-scatter and an allgather; the last ``size % ranks`` elements, which do not split
-    evenly, are one small Allreduce.
+    Out of place from SPLIT_FROM bytes (and with more than one rank), pieces are a
+    reduce-scatter and an allgather, and the last ``size % ranks`` elements, which do not
+    split evenly, one small Allreduce. Otherwise pieces are Allreduce calls.
     """
     n, ranks = recv.size, comm.Get_size()
     datatype = mpi_type(recv.dtype)
-    body = n - n % ranks if ranks > 1 and n * recv.itemsize >= SPLIT_FROM else 0
+    split = send is not None and ranks > 1 and n * recv.itemsize >= SPLIT_FROM
+    body = n - n % ranks if split else 0
     if body:
-        _split_allreduce(comm, send, recv[:body], datatype, mpi_op)
-    for i in range(body, n, MAX_COUNT):  # the rest, or all of a small message
-        part = slice(i, min(i + MAX_COUNT, n))
-        source = MPI.IN_PLACE if send is None else [send[part], datatype]
-        comm.Allreduce(source, [recv[part], datatype], op=mpi_op)
+        _split_allreduce(comm, send[:body], recv[:body], datatype, mpi_op)
+    step = max(1, min(MAX_COUNT, _pieces[True] // recv.itemsize)) if send is None else MAX_COUNT
+    for i in range(body, n, step):  # the rest, or all of an in-place or small message
+        source = MPI.IN_PLACE if send is None else [send[i:i + step], datatype]
+        comm.Allreduce(source, [recv[i:i + step], datatype], op=mpi_op)
 
 
 def _split_allreduce(comm, send, recv, datatype, mpi_op):
     ranks, me = comm.Get_size(), comm.Get_rank()
-    share = max(1, min(_piece // recv.itemsize, MAX_COUNT // ranks))  # elements per rank per piece
+    share = max(1, min(_pieces[False] // recv.itemsize, MAX_COUNT // ranks))  # elements per rank
     step = share * ranks
-    scratch, raw = None, None
-    if send is None:  # MPI forbids the sum landing in the buffer it is read from: use a scratch part
-        share = min(share, recv.size // ranks)
-        if is_cupy(recv):  # CUDA-aware MPI: the scratch part lives on the device too
-            scratch = get_array_module(recv).empty(share, recv.dtype)
-        else:
-            raw = pool.acquire(share * recv.itemsize)
-            scratch = raw[:share * recv.itemsize].view(recv.dtype)
-    try:
-        for i in range(0, recv.size, step):
-            piece = recv[i:i + step]
-            c = piece.size // ranks
-            mine = piece[me * c:(me + 1) * c]
-            if send is None:
-                comm.Reduce_scatter_block([piece, datatype], [scratch[:c], datatype], op=mpi_op)
-                mine[...] = scratch[:c]
-                sync_before_mpi(mine)
-            else:
-                comm.Reduce_scatter_block([send[i:i + piece.size], datatype], [mine, datatype], op=mpi_op)
-            comm.Allgather(MPI.IN_PLACE, [piece, datatype])
-    finally:
-        if raw is not None:
-            pool.release(raw)
+    for i in range(0, recv.size, step):
+        piece = recv[i:i + step]
+        c = piece.size // ranks
+        comm.Reduce_scatter_block([send[i:i + piece.size], datatype], [piece[me * c:(me + 1) * c], datatype],
+                                  op=mpi_op)
+        comm.Allgather(MPI.IN_PLACE, [piece, datatype])
 
 
 def bcast_pieces(comm, buf, root):

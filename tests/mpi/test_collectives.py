@@ -64,11 +64,11 @@ def test_allreduce_scaling_and_noncontiguous(xp, rank, size, dtype):
 @pytest.mark.parametrize("piece", [2, 64, 4096, 1 << 20])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32"])
 def test_allreduce_in_pieces(rank, size, piece, dtype):
-    """Split reductions (reduce-scatter + allgather in pieces) give the same result whatever the
-    piece size: a ragged last piece, a remainder that does not split over the ranks, fewer
+    """Pieced reductions (out of place: reduce-scatter + allgather) give the same result whatever
+    the piece size: a ragged last piece, a remainder that does not split over the ranks, fewer
     elements than ranks, and a piece smaller than one element."""
     from mpidp.comm import _buffers
-    old = _buffers.piece_bytes(), _buffers.SPLIT_FROM
+    old = _buffers.piece_bytes(in_place=True), _buffers.piece_bytes(in_place=False), _buffers.SPLIT_FROM
     _buffers.set_piece_bytes(piece)
     _buffers.SPLIT_FROM = 1  # split every message, however small
     try:
@@ -85,8 +85,9 @@ def test_allreduce_in_pieces(rank, size, piece, dtype):
                 y = arrays[rank].copy()
                 close(mpidp.allreduce_(y), reference(arrays, "Sum") / size, dtype)
     finally:
-        _buffers.set_piece_bytes(old[0])
-        _buffers.SPLIT_FROM = old[1]
+        _buffers.set_piece_bytes(old[0], in_place=True)
+        _buffers.set_piece_bytes(old[1], in_place=False)
+        _buffers.SPLIT_FROM = old[2]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int64"])
