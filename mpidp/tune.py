@@ -31,7 +31,7 @@ from .errors import MpidpError
 KiB, MiB = 1 << 10, 1 << 20
 THRESHOLDS = (1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB, 16 * MiB, 32 * MiB, 64 * MiB)
 PIECES = (256 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB, 8 * MiB)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the piece is the per-rank part of a ring step
 
 
 # --- batch size ---------------------------------------------------------------------------------
@@ -493,7 +493,7 @@ def communication(dist_opt, thresholds=None, pieces=None, reps=5, warmup=1, min_
                        "min_ms": times[:, j].min() * 1e3, "reps": int(reps), "current": (t, piece) == current}
                       for j, (t, piece) in enumerate(pairs)]
     finally:
-        _buffers.set_piece_bytes(current[1], in_place=True)
+        _buffers.set_piece_bytes(current[1])
         if dist_opt.threshold != current[0]:
             apply_fusion_threshold(dist_opt, current[0])
         for p, g in grads:
@@ -525,7 +525,7 @@ def _measure(dist_opt, pairs, reps, warmup, timer):
         for j, (t, piece) in enumerate(pairs):
             if t != dist_opt.threshold:
                 apply_fusion_threshold(dist_opt, t)
-            _buffers.set_piece_bytes(piece, in_place=True)
+            _buffers.set_piece_bytes(piece)
             collectives.barrier(set_arg)
             t0 = timer()
             exchange(dist_opt)
@@ -568,7 +568,7 @@ def _candidates(dist_opt, pairs, current):
 def _apply(dist_opt, chosen):
     if chosen[0] != dist_opt.threshold:
         apply_fusion_threshold(dist_opt, chosen[0])
-    _buffers.set_piece_bytes(chosen[1], in_place=True)
+    _buffers.set_piece_bytes(chosen[1])
 
 
 def _append_log(path, key, when, table):

@@ -1,4 +1,5 @@
 """Arrays as MPI-ready contiguous host (or CUDA-aware device) buffers, and pieced transfers."""
+import math
 import weakref
 
 import numpy
@@ -9,43 +10,50 @@ from ..backend.device import sync_before_mpi
 from ..backend.pinned import pool, staged
 from ..backend.xp import is_cupy
 from . import runtime
-from .ops import mpi_type
+from .ops import HALF, mpi_type
 
-# Large reductions go in pieces: MPICH mallocs a temporary of the message's size on every
-# Allreduce, and from 32 MiB glibc maps and unmaps it each call (8,194 page faults per 64 MiB
-# call measured). Pieces keep it small, reused and in cache. How a piece is reduced differs by
-# form (np=2, MPICH, this machine, ratios to one comm.Allreduce of the whole message):
-# - out of place (send -> new result): each piece is a Reduce_scatter_block that leaves rank r
-#   the sum of part r of the piece, then an in-place Allgather that hands every part to every
-#   rank: 0.57x at 1 MiB, 0.41-0.54x at 4 MiB, 0.70x at 16 MiB, 0.32x at 64 MiB, where pieced
-#   Allreduce calls gave 0.8x, 0.8x, 1.0x and 0.44x. Each element is reduced on one rank only,
-#   so every rank gets bitwise the same result. The piece setting is the part each rank
-#   reduces: 512 KiB was best at np=2, 3 and 4. Messages under SPLIT_FROM are one Allreduce:
-#   two calls cost more than they save below 128 KiB.
-# - in place (allreduce_, gradient buckets): MPI forbids a reduce-scatter into the buffer it
-#   reads, and the extra copy through a scratch part made it 1.2x slower than Allreduce calls
-#   of 2 MiB on ResNet-50's 102 MB of gradients (data not in cache). So in place stays pieced
-#   Allreduce calls; 2 MiB was best on ResNet-50 buckets (bench_gradsync.py --sweep).
-# MPIDP_PIECE_BYTES (both forms) or set_piece_bytes() overrides.
-DEFAULT_PIECE_BYTES = 512 << 10
-DEFAULT_INPLACE_PIECE_BYTES = 2 << 20
-SPLIT_FROM = 128 << 10
+# Large host reductions go around a ring, in pieces: each rank sends a part of the piece to
+# its right neighbour and reduces the part arriving from its left with NumPy (ranks - 1
+# Sendrecv steps), so every part ends up fully reduced on one rank, then ranks - 1 more
+# steps pass the reduced parts on (a reduce-scatter then an allgather, the schedule of
+# Horovod's and Baidu's ring allreduce). Every element is reduced by one rank only, so every
+# rank gets bitwise the same result. Measured against MPICH's own collectives (np=2, this
+# machine, ratio to one comm.Allreduce of the message): out of place 0.53 at 1 MiB, 0.64 at
+# 4 MiB, 0.59 at 16 MiB, 0.47 at 64 MiB, where MPICH's Reduce_scatter_block + Allgather gave
+# 0.9, 0.9, 0.85, 0.7 (its reduce-scatter copies the input first and reduces slowly); in place
+# 0.67-0.85 of 2 MiB Allreduce calls, and 0.6-0.9 on 100 MB of gradients out of cache. At np=3
+# and 4 (oversubscribed) it was 0.3-0.9 of MPICH. The piece is the part one rank reduces per
+# step: 2 MiB was best or equal at np=2, 3 and 4.
+# Below RING_FROM bytes per rank (where the ring's 2 (ranks - 1) steps cost more than they
+# save), for device memory under a CUDA-aware MPI, and for dtypes or ops NumPy does not
+# reduce like MPI (bool), a message is MPI Allreduce calls: in place in pieces of the same
+# size (MPICH mallocs a message-sized temporary on every call, and from 32 MiB glibc maps and
+# unmaps it each time: 8,194 page faults per 64 MiB call), out of place in one call.
+# MPIDP_PIECE_BYTES or set_piece_bytes() overrides the piece.
+DEFAULT_PIECE_BYTES = 2 << 20
+RING_FROM = 128 << 10
 MAX_COUNT = 1 << 30  # elements per MPI call: under 2^31 for MPIs without MPI-4 large counts
-_pieces = {False: _env.get("MPIDP_PIECE_BYTES") or DEFAULT_PIECE_BYTES,
-           True: _env.get("MPIDP_PIECE_BYTES") or DEFAULT_INPLACE_PIECE_BYTES}
+_RING_TAG = 0x6D70  # mpidp's communicators are its own: no user message can match this
+_piece = _env.get("MPIDP_PIECE_BYTES") or DEFAULT_PIECE_BYTES
 
 
-def piece_bytes(in_place=True):
-    """Piece size of a large allreduce: in place, bytes per Allreduce call; out of place,
-    the bytes of its part that each rank reduces per piece."""
-    return _pieces[bool(in_place)]
+def piece_bytes():
+    """Piece size of a large allreduce: the bytes one rank reduces per ring step, or
+    the bytes of one in-place Allreduce call where the ring does not apply."""
+    return _piece
 
 
-def set_piece_bytes(nbytes, in_place=None):
-    """Set the piece size (0 restores the default) of in-place or out-of-place allreduces (None: both)."""
-    for form in ((True, False) if in_place is None else (bool(in_place),)):
-        default = DEFAULT_INPLACE_PIECE_BYTES if form else DEFAULT_PIECE_BYTES
-        _pieces[form] = int(nbytes) or default
+def set_piece_bytes(nbytes):
+    """Set the piece size in bytes (0 restores the default)."""
+    global _piece
+    _piece = int(nbytes) or DEFAULT_PIECE_BYTES
+
+
+def uses_ring(recv, ranks, ufunc):
+    """Whether an allreduce into ``recv`` goes around the ring (else MPI Allreduce calls)."""
+    return (ufunc is not None and ranks > 1 and isinstance(recv, numpy.ndarray)
+            and (recv.dtype.kind in "fiu" or recv.dtype in HALF)
+            and recv.size // ranks * recv.itemsize >= RING_FROM)
 
 
 class Staged:
@@ -85,35 +93,46 @@ def spec(a, count=None, displ=None):
     return [a, count, displ, mpi_type(a.dtype)]
 
 
-def allreduce_pieces(comm, send, recv, mpi_op):
+def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None):
     """Allreduce 1-D ``recv`` (from ``send``, or in place when send is None) over ``comm``.
 
-    Out of place from SPLIT_FROM bytes (and with more than one rank), pieces are a
-    reduce-scatter and an allgather, and the last ``size % ranks`` elements, which do not
-    split evenly, one small Allreduce. Otherwise pieces are Allreduce calls.
+    Where ``uses_ring`` (``ufunc`` is the op's NumPy ufunc), the first ``size - size % ranks``
+    elements go around the ring and the rest, which does not split over the ranks, is one
+    small Allreduce. Otherwise the message is Allreduce calls.
     """
     n, ranks = recv.size, comm.Get_size()
     datatype = mpi_type(recv.dtype)
-    split = send is not None and ranks > 1 and n * recv.itemsize >= SPLIT_FROM
-    body = n - n % ranks if split else 0
+    body = n - n % ranks if uses_ring(recv, ranks, ufunc) else 0
     if body:
-        _split_allreduce(comm, send[:body], recv[:body], datatype, mpi_op)
-    step = max(1, min(MAX_COUNT, _pieces[True] // recv.itemsize)) if send is None else MAX_COUNT
-    for i in range(body, n, step):  # the rest, or all of an in-place or small message
+        _ring_allreduce(comm, recv if send is None else send, recv, body, datatype, ufunc)
+    step = max(1, min(MAX_COUNT, _piece // recv.itemsize)) if send is None else MAX_COUNT
+    for i in range(body, n, step):
         source = MPI.IN_PLACE if send is None else [send[i:i + step], datatype]
         comm.Allreduce(source, [recv[i:i + step], datatype], op=mpi_op)
 
 
-def _split_allreduce(comm, send, recv, datatype, mpi_op):
+def _ring_allreduce(comm, x, y, count, datatype, ufunc):
+    """Reduce ``x[:count]`` (count a multiple of the ranks) into ``y`` around the ring; x may be y."""
     ranks, me = comm.Get_size(), comm.Get_rank()
-    share = max(1, min(_pieces[False] // recv.itemsize, MAX_COUNT // ranks))  # elements per rank
-    step = share * ranks
-    for i in range(0, recv.size, step):
-        piece = recv[i:i + step]
-        c = piece.size // ranks
-        comm.Reduce_scatter_block([send[i:i + piece.size], datatype], [piece[me * c:(me + 1) * c], datatype],
-                                  op=mpi_op)
-        comm.Allgather(MPI.IN_PLACE, [piece, datatype])
+    left, right = (me - 1) % ranks, (me + 1) % ranks
+    share = max(1, min(_piece // y.itemsize, MAX_COUNT, count // ranks))  # elements per rank and piece
+    raw = pool.acquire(share * y.itemsize)
+    arrived = raw[:share * y.itemsize].view(y.dtype)
+    try:
+        for start in range(0, count, share * ranks):
+            m = min(share * ranks, count - start) // ranks
+            part = [slice(start + k * m, start + (k + 1) * m) for k in range(ranks)]
+            got = arrived[:m]
+            for step in range(ranks - 1):  # reduce-scatter: part me + 1 ends complete here
+                out, into = part[(me - step) % ranks], part[(me - step - 1) % ranks]
+                comm.Sendrecv([(x if step == 0 else y)[out], datatype], right, _RING_TAG,
+                              [got, datatype], left, _RING_TAG)
+                ufunc(got, x[into], out=y[into])
+            for step in range(ranks - 1):  # allgather: pass the complete parts on
+                comm.Sendrecv([y[part[(me + 1 - step) % ranks]], datatype], right, _RING_TAG,
+                              [y[part[(me - step) % ranks]], datatype], left, _RING_TAG)
+    finally:
+        pool.release(raw)
 
 
 def bcast_pieces(comm, buf, root):
@@ -135,7 +154,7 @@ def empty_result(xp, shape, dtype):
     releases the buffer.
     """
     dtype = numpy.dtype(dtype)
-    count = int(numpy.prod(shape, dtype=numpy.int64))
+    count = math.prod(shape)
     if xp is not numpy or count * dtype.itemsize < RECYCLE_BYTES:
         return xp.empty(shape, dtype=dtype)
     raw = pool.acquire(count * dtype.itemsize)

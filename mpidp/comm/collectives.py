@@ -4,14 +4,16 @@ Each collective has one private core that validates its input (before any
 communication), stages device data, and returns a Handle from the engine;
 the public blocking, in-place and ``_async`` names are one-line wrappers.
 """
+import math
+
 import numpy
 
 from .. import _env
 from ..backend.xp import asnumpy, get_array_module, is_float_dtype
 from . import check, stall
-from ._buffers import Staged, allreduce_pieces, bcast_pieces, empty_result, flat, spec
+from ._buffers import Staged, allreduce_pieces, bcast_pieces, empty_result, flat, spec, uses_ring
 from .engine import Handle, engine
-from .ops import Average, Sum, as_op, check_dtype, mpi_op
+from .ops import Average, Sum, as_op, check_dtype, dtype_name, mpi_op
 from .process_set import resolve
 
 _check_enabled = _env.get("MPIDP_CHECK")
@@ -53,6 +55,15 @@ def _copy(xp, x):
     return out
 
 
+def _path(buf, comm, op):
+    """How ``buf`` will be reduced. It is part of the checked signature: ranks that would take
+    different paths (host memory on one, device memory under a CUDA-aware MPI on another)
+    raise MismatchError instead of waiting for each other in different calls."""
+    if uses_ring(flat(buf), comm.Get_size(), op.ufunc):
+        return "ring (host memory)"
+    return "MPI Allreduce" if isinstance(buf, numpy.ndarray) else "MPI Allreduce (device memory)"
+
+
 def _scale(x, factor):
     if factor != 1.0:
         xp = get_array_module(x)
@@ -81,12 +92,13 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
         send = Staged(xp.ascontiguousarray(x))
         recv = Staged(empty_result(xp, x.shape, x.dtype), copy_in=False)
         work = recv.array
-    signature = (("op", op.name), ("dtype", x.dtype.name), ("shape", x.shape))
+    signature = (("op", op.name), ("dtype", dtype_name(x.dtype)), ("shape", x.shape),
+                 ("path", _path(recv.host, comm, op)))
     mop = mpi_op(op, x.dtype)
 
     def run():
         _agree(comm, "allreduce", name, signature)
-        allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop)
+        allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop, op.ufunc)
 
     def finish(_):
         if send is not None:
@@ -167,12 +179,13 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
         _scale(fused.host, prescale_factor)
         buffers.append((dtype, idx, fused))
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
-    signature = (("op", op.name), ("tensors", tuple((t.dtype.name, tuple(t.shape)) for t in tensors)))
+    signature = (("op", op.name), ("tensors", tuple((dtype_name(t.dtype), tuple(t.shape)) for t in tensors)),
+                 ("path", tuple(_path(fused.host, comm, op) for _, _, fused in buffers)))
 
     def run():
         _agree(comm, "grouped_allreduce", name, signature)
         for dtype, _, fused in buffers:
-            allreduce_pieces(comm, None, fused.host, mpi_op(op, dtype))
+            allreduce_pieces(comm, None, fused.host, mpi_op(op, dtype), op.ufunc)
 
     def finish(_):
         out = [None] * len(tensors)
@@ -221,8 +234,8 @@ def _allgather_core(x, name, process_set, blocking):
     xp = get_array_module(x)
     x = xp.ascontiguousarray(x.reshape(1) if x.ndim == 0 else x)
     rows, tail = x.shape[0], tuple(x.shape[1:])
-    row = int(numpy.prod(tail, dtype=numpy.int64))
-    signature = (("dtype", x.dtype.name), ("shape[1:]", tail))
+    row = math.prod(tail)
+    signature = (("dtype", dtype_name(x.dtype)), ("shape[1:]", tail))
     fp = check.fingerprint(signature)
     send = Staged(x)
 
@@ -266,7 +279,7 @@ def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
     xp = get_array_module(x)
     work = x if (inplace and x.flags.c_contiguous) else _copy(xp, x)
     buf = Staged(work, copy_in=comm.Get_rank() == root)
-    signature = (("root_rank", int(root_rank)), ("dtype", x.dtype.name), ("shape", tuple(x.shape)))
+    signature = (("root_rank", int(root_rank)), ("dtype", dtype_name(x.dtype)), ("shape", tuple(x.shape)))
 
     def run():
         _agree(comm, "broadcast", name, signature)
@@ -322,9 +335,9 @@ def _alltoall_core(x, splits, name, process_set, blocking):
             raise ValueError(f"alltoall of tensor {name!r}: splits {splits.tolist()} must have {n} "
                              f"non-negative entries summing to the first dimension {rows}")
     xp = get_array_module(x)
-    row = int(numpy.prod(tail, dtype=numpy.int64))
+    row = math.prod(tail)
     send = Staged(xp.ascontiguousarray(x))
-    signature = (("dtype", x.dtype.name), ("shape[1:]", tail))
+    signature = (("dtype", dtype_name(x.dtype)), ("shape[1:]", tail))
 
     def run():
         _agree(comm, "alltoall", name, signature)
@@ -370,7 +383,7 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
                         f"is not exact; use op=mpidp.Sum")
     xp = get_array_module(x)
     rows, tail = x.shape[0], tuple(x.shape[1:])
-    row = int(numpy.prod(tail, dtype=numpy.int64))
+    row = math.prod(tail)
     base, extra = divmod(rows, n)
     mine = base + (me < extra)  # the first ``extra`` ranks get one row more
     counts = numpy.array([(base + (r < extra)) * row for r in range(n)], dtype=numpy.int64)
@@ -379,7 +392,7 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
     send = Staged(work)
     recv = Staged(empty_result(xp, (mine,) + tail, x.dtype), copy_in=False)
     post = postscale_factor / n if op is Average else postscale_factor
-    signature = (("op", op.name), ("dtype", x.dtype.name), ("shape", tuple(x.shape)))
+    signature = (("op", op.name), ("dtype", dtype_name(x.dtype)), ("shape", tuple(x.shape)))
     mop = mpi_op(op, x.dtype)
 
     def run():

@@ -38,4 +38,4 @@ def test_autotune_first_step_keeps_results_and_order(rank, size, monkeypatch, tm
         thresholds = mpidp.allgather_object(opt.threshold)
         assert len(set(thresholds)) == 1  # every rank applied the same decision
     finally:
-        _buffers.set_piece_bytes(old_piece, in_place=True)
+        _buffers.set_piece_bytes(old_piece)

@@ -62,32 +62,49 @@ def test_allreduce_scaling_and_noncontiguous(xp, rank, size, dtype):
 
 
 @pytest.mark.parametrize("piece", [2, 64, 4096, 1 << 20])
-@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32", "int64"])
 def test_allreduce_in_pieces(rank, size, piece, dtype):
-    """Pieced reductions (out of place: reduce-scatter + allgather) give the same result whatever
-    the piece size: a ragged last piece, a remainder that does not split over the ranks, fewer
-    elements than ranks, and a piece smaller than one element."""
+    """The ring (and in-place Allreduce pieces) give the same result whatever the piece size:
+    a ragged last piece, a remainder that does not split over the ranks, fewer elements than
+    ranks, and a piece smaller than one element; every rank gets bitwise the same result."""
     from mpidp.comm import _buffers
-    old = _buffers.piece_bytes(in_place=True), _buffers.piece_bytes(in_place=False), _buffers.SPLIT_FROM
+    old = _buffers.piece_bytes(), _buffers.RING_FROM
     _buffers.set_piece_bytes(piece)
-    _buffers.SPLIT_FROM = 1  # split every message, however small
+    _buffers.RING_FROM = 1  # the ring for every message, however small
     try:
-        for n in (12345, 12346, 1, 3, 0):
+        for n in (2345, 2346, 1, 3, 0):
             arrays = inputs((n,), dtype, size, salt=n)
             got = mpidp.allreduce(arrays[rank], op=mpidp.Sum)
             close(got, reference(arrays, "Sum"), dtype)
             assert got.tobytes() == mpidp.broadcast(got, 0).tobytes()  # bitwise the same on every rank
-            y = arrays[rank].copy()
-            close(mpidp.allreduce_(y, op=mpidp.Min), reference(arrays, "Min"), dtype)
-            y = arrays[rank].copy()
-            close(mpidp.allreduce_(y, op=mpidp.Max), reference(arrays, "Max"), dtype)
-            if dtype != "int32":  # the average is scaled after the last piece
+            for op in ("Min", "Max", "Product"):
+                y = arrays[rank].copy()
+                assert mpidp.allreduce_(y, op=getattr(mpidp, op)) is y
+                close(y, reference(arrays, op), dtype)
+                assert y.tobytes() == mpidp.broadcast(y, 0).tobytes()
+            if dtype.startswith("float"):  # the average is scaled after the last piece
                 y = arrays[rank].copy()
                 close(mpidp.allreduce_(y), reference(arrays, "Sum") / size, dtype)
     finally:
-        _buffers.set_piece_bytes(old[0], in_place=True)
-        _buffers.set_piece_bytes(old[1], in_place=False)
-        _buffers.SPLIT_FROM = old[2]
+        _buffers.set_piece_bytes(old[0])
+        _buffers.RING_FROM = old[1]
+
+
+def test_ring_path_is_checked(rank, size):
+    """A rank whose allreduce would take another path (the ring here, MPI Allreduce there)
+    raises MismatchError on every rank instead of hanging; the next allreduce works."""
+    from mpidp.comm import _buffers
+    if size == 1:
+        pytest.skip("needs two ranks")
+    old = _buffers.RING_FROM
+    _buffers.RING_FROM = 1 if rank == 0 else 1 << 40  # as if rank 0 held host memory, the rest device memory
+    try:
+        with pytest.raises(mpidp.MismatchError, match="path"):
+            mpidp.allreduce(numpy.ones(64, numpy.float32), name="grads")
+    finally:
+        _buffers.RING_FROM = old
+    numpy.testing.assert_array_equal(mpidp.allreduce(numpy.ones(64, numpy.float32), op=mpidp.Sum),
+                                     numpy.full(64, size, numpy.float32))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int64"])
