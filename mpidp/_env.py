@@ -9,7 +9,8 @@ VARIABLES = {
     "MPIDP_CUDA_AWARE": (str, "auto", "0/1 forces CUDA-aware MPI off/on; auto asks MPIX_Query_cuda_support"),
     "MPIDP_CHECK": (bool, True, "cross-rank mismatch check of every collective's shape/dtype/op/root"),
     "MPIDP_FUSION_THRESHOLD": (int, 0, "gradient bucket size in bytes; 0 = calibrated default"),
-    "MPIDP_PIECE_BYTES": (int, 0, "large allreduces are pipelined in pieces of this many bytes; 0 = calibrated"),
+    "MPIDP_PIECE_BYTES": (int, 0, "bytes one rank reduces per ring step of a large allreduce (or per in-place "
+                                  "Allreduce call where the ring does not apply); 0 = the measured default (2 MiB)"),
     "MPIDP_STALL_WARNING_S": (float, 60.0, "seconds a rank waits in a collective before it logs the missing ranks"),
     "MPIDP_STALL_ABORT_S": (float, 0.0, "seconds before a stalled job aborts; 0 = never"),
     "MPIDP_TIMELINE": (str, "", "path of a Chrome-trace timeline written at shutdown; empty = off"),
