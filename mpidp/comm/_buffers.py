@@ -93,29 +93,38 @@ def spec(a, count=None, displ=None):
     return [a, count, displ, mpi_type(a.dtype)]
 
 
-def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None):
+def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None, scale=1.0):
     """Allreduce 1-D ``recv`` (from ``send``, or in place when send is None) over ``comm``.
 
     Where ``uses_ring`` (``ufunc`` is the op's NumPy ufunc), the first ``size - size % ranks``
     elements go around the ring and the rest, which does not split over the ranks, is one
-    small Allreduce. Otherwise the message is Allreduce calls.
+    small Allreduce; the ring also multiplies by ``scale`` each part it completes, while the
+    part is in cache (an average costs no extra pass). Otherwise the message is Allreduce
+    calls. Returns True when ``recv`` holds the scaled result, False when the caller must
+    still multiply by ``scale``.
     """
     n, ranks = recv.size, comm.Get_size()
     datatype = mpi_type(recv.dtype)
     body = n - n % ranks if uses_ring(recv, ranks, ufunc) else 0
     if body:
-        _ring_allreduce(comm, recv if send is None else send, recv, body, datatype, ufunc)
+        _ring_allreduce(comm, recv if send is None else send, recv, body, datatype, ufunc, scale)
     step = max(1, min(MAX_COUNT, _piece // recv.itemsize)) if send is None else MAX_COUNT
     for i in range(body, n, step):
         source = MPI.IN_PLACE if send is None else [send[i:i + step], datatype]
         comm.Allreduce(source, [recv[i:i + step], datatype], op=mpi_op)
+    if body and scale != 1.0 and body < n:
+        rest = recv[body:]
+        numpy.multiply(rest, rest.dtype.type(scale), out=rest)
+    return bool(body) or scale == 1.0
 
 
-def _ring_allreduce(comm, x, y, count, datatype, ufunc):
-    """Reduce ``x[:count]`` (count a multiple of the ranks) into ``y`` around the ring; x may be y."""
+def _ring_allreduce(comm, x, y, count, datatype, ufunc, scale=1.0):
+    """Reduce ``x[:count]`` (count a multiple of the ranks) into ``y`` around the ring, times
+    ``scale``; x may be y."""
     ranks, me = comm.Get_size(), comm.Get_rank()
     left, right = (me - 1) % ranks, (me + 1) % ranks
     share = max(1, min(_piece // y.itemsize, MAX_COUNT, count // ranks))  # elements per rank and piece
+    factor = y.dtype.type(scale) if scale != 1.0 else None  # typed: NumPy's fast loop
     raw = pool.acquire(share * y.itemsize)
     arrived = raw[:share * y.itemsize].view(y.dtype)
     try:
@@ -128,6 +137,8 @@ def _ring_allreduce(comm, x, y, count, datatype, ufunc):
                 comm.Sendrecv([(x if step == 0 else y)[out], datatype], right, _RING_TAG,
                               [got, datatype], left, _RING_TAG)
                 ufunc(got, x[into], out=y[into])
+            if factor is not None:
+                numpy.multiply(y[into], factor, out=y[into])
             for step in range(ranks - 1):  # allgather: pass the complete parts on
                 comm.Sendrecv([y[part[(me + 1 - step) % ranks]], datatype], right, _RING_TAG,
                               [y[part[(me - step) % ranks]], datatype], left, _RING_TAG)

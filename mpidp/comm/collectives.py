@@ -99,13 +99,15 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
 
     def run():
         _agree(comm, "allreduce", name, signature)
-        allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop, op.ufunc)
+        return allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop,
+                                op.ufunc, post)
 
-    def finish(_):
+    def finish(scaled):
         if send is not None:
             send.finish(copy_out=False)
         recv.finish()
-        _scale(work, post)
+        if not scaled:
+            _scale(work, post)
         if inplace and work is not x:
             x[...] = work
             return x
@@ -114,14 +116,15 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
     return _launch(blocking, run, name, seq, finish, wake)
 
 
-def fused_allreduce_async_(x, name, process_set=None, wake=True):
-    """Start summing ``x`` (a fusion buffer) in place over the ranks.
+def fused_allreduce_async_(x, name, process_set=None, wake=True, postscale_factor=1.0):
+    """Start summing ``x`` (a fusion buffer) in place over the ranks, times ``postscale_factor``
+    (folded into the ring where it applies: an average costs no extra pass).
 
     ``wake=False`` leaves the engine thread asleep: the caller waits for the result at
     once and so runs the exchange in its own thread. The mismatch check stays on: it
     is what turns a rank that skipped a collective into a MismatchError (about 4 us).
     """
-    return _allreduce_core(x, Sum, name, 1.0, 1.0, process_set, True, False, wake)
+    return _allreduce_core(x, Sum, name, 1.0, postscale_factor, process_set, True, False, wake)
 
 
 def allreduce(x, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None):
@@ -185,14 +188,15 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
 
     def run():
         _agree(comm, "grouped_allreduce", name, signature)
-        for dtype, _, fused in buffers:
-            allreduce_pieces(comm, None, fused.host, mpi_op(op, dtype), op.ufunc)
+        return [allreduce_pieces(comm, None, fused.host, mpi_op(op, dtype), op.ufunc, post)
+                for dtype, _, fused in buffers]
 
-    def finish(_):
+    def finish(scaled):
         out = [None] * len(tensors)
-        for dtype, idx, fused in buffers:
+        for (dtype, idx, fused), done in zip(buffers, scaled):
             result = fused.finish()
-            _scale(result, post)
+            if not done:
+                _scale(result, post)
             offset = 0
             for i in idx:
                 t = tensors[i]

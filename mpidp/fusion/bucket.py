@@ -25,7 +25,6 @@ class Bucket:
         self.nbytes = int(wire.nbytes)
         self.ready = 0
         self.handle = None
-        self.post = 1.0  # scale the optimizer applies once the exchange is in
 
     @property
     def name(self):

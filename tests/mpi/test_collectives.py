@@ -82,9 +82,14 @@ def test_allreduce_in_pieces(rank, size, piece, dtype):
                 assert mpidp.allreduce_(y, op=getattr(mpidp, op)) is y
                 close(y, reference(arrays, op), dtype)
                 assert y.tobytes() == mpidp.broadcast(y, 0).tobytes()
-            if dtype.startswith("float"):  # the average is scaled after the last piece
+            if dtype.startswith("float"):  # the ring scales each part it completes; the rest after
                 y = arrays[rank].copy()
                 close(mpidp.allreduce_(y), reference(arrays, "Sum") / size, dtype)
+                close(mpidp.allreduce(arrays[rank], postscale_factor=3.0), reference(arrays, "Sum") * 3.0 / size,
+                      dtype)
+                a, b = mpidp.grouped_allreduce([arrays[rank], arrays[rank][::-1].copy()])
+                close(a, reference(arrays, "Sum") / size, dtype)
+                close(b, reference(arrays, "Sum")[::-1] / size, dtype)
     finally:
         _buffers.set_piece_bytes(old[0])
         _buffers.RING_FROM = old[1]

@@ -96,6 +96,20 @@ def test_equivalent_to_one_big_batch(rank, size, kind, overlap, threshold):
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("threshold", [64, 1 << 20])
+@pytest.mark.parametrize("compression", [None, "fp16"])
+def test_ring_with_the_average_folded_in(rank, size, kind, threshold, compression, monkeypatch):
+    """Every bucket around the ring, which multiplies each part by 1/size as it completes it:
+    the same model as one big batch, bitwise the same on every rank."""
+    from mpidp.comm import _buffers
+    monkeypatch.setattr(_buffers, "RING_FROM", 1)
+    extra = {} if compression is None else {"compression": getattr(mpidp.Compression, compression)}
+    model, opt = distributed(kind, rank, size, overlap=True, fusion_threshold_bytes=threshold, **extra)
+    compare(model, reference(kind, size), 1e-10 if compression is None else 5e-3)
+    mpidp.check_replicas(model)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_accumulation(rank, size, kind):
     model, _ = distributed(kind, rank, size, passes=2)
     # rank r's two micro-batches are rows (2r)B..(2r+2)B: together the global batch of 2*size*B
