@@ -4,8 +4,9 @@
                                                       --out docs/figures --piece-sweep]
 
 For each message size it times mpidp.allreduce (out of place, check on and off), allreduce_
-(in place), allgather and broadcast_ against comm.Allreduce(send, recv),
-comm.Allreduce(IN_PLACE, buf), comm.Allgatherv and comm.Bcast (float32, op Sum). Every iteration
+(in place), allgather, broadcast_ and reducescatter against comm.Allreduce(send, recv),
+comm.Allreduce(IN_PLACE, buf), comm.Allgatherv, comm.Bcast and comm.Reduce_scatter (float32,
+op Sum; the size is the whole input, each rank gets 1/ranks of it). Every iteration
 starts after a barrier and its time is the max over the ranks; the variants of one size run
 interleaved in rounds, so slow drift on a noisy machine hits both sides of a ratio alike. Rank 0
 prints the table, writes bench_collectives_np<N>.csv and .png under --out, and a summary: the
@@ -196,6 +197,9 @@ class Bench:
         gathered = numpy.empty(n * count, numpy.float32)
         counts, displs = [count] * n, [i * count for i in range(n)]
         bc = numpy.zeros(count, numpy.float32)
+        base, extra = divmod(count, n)  # reducescatter: the first ranks get one element more
+        rs_counts = [base + (r < extra) for r in range(n)]
+        rs_out = numpy.empty(rs_counts[comm.Get_rank()], numpy.float32)
         on, off = (lambda: self.set_check(True)), (lambda: self.set_check(False))
         Sum = mpidp.Sum
         variants = [
@@ -208,6 +212,8 @@ class Bench:
             ("raw_ag", lambda: comm.Allgatherv(x, [gathered, counts, displs, MPI.FLOAT]), on),
             ("mp_bc", lambda: mpidp.broadcast_(bc, 0), on),
             ("raw_bc", lambda: comm.Bcast(bc, root=0), on),
+            ("mp_rs", lambda: mpidp.reducescatter(x, op=Sum), on),
+            ("raw_rs", lambda: comm.Reduce_scatter(x, rs_out, recvcounts=rs_counts), on),
         ]
         t = self.measure(variants)
         ar_bytes = 2 * (n - 1) / n * nbytes
@@ -218,7 +224,8 @@ class Bench:
                 ("allreduce check off", "mp_ar_nc", "raw_ar", ar_bytes, piece),
                 ("allreduce_ in place", "mp_ar_ip", "raw_ar_ip", ar_bytes, piece),
                 ("allgather", "mp_ag", "raw_ag", ag_bytes, None),
-                ("broadcast_", "mp_bc", "raw_bc", nbytes, None)]:
+                ("broadcast_", "mp_bc", "raw_bc", nbytes, None),
+                ("reducescatter", "mp_rs", "raw_rs", (n - 1) / n * nbytes, piece)]:
             rows.append(row(nbytes, op, t[mine], t[raw], bus, pb))
         return rows
 
@@ -296,7 +303,7 @@ def summary(rows, check_us):
         slow = [f"{r['size']} ({r['ratio']:.2f}x)" for r in big if r["ratio"] > 1.0]
         out.append("target, allreduce (check on) >= 1 MiB at least as fast as comm.Allreduce: " +
                    ("met at every size" if not slow else "NOT met at " + ", ".join(slow)))
-    for op in ("allreduce", "allreduce_ in place"):
+    for op in ("allreduce", "allreduce_ in place", "reducescatter"):
         rs = [r for r in by.get(op, []) if r["bytes"] >= 1 << 20]
         if rs:
             out.append(f"  {op} / mpi4py, >= 1 MiB: " + ", ".join(f"{r['size']} {r['ratio']:.2f}" for r in rs))
@@ -333,9 +340,10 @@ def recommend(rows, default, over):
 
 def make_plot(path, rows, n, over):
     pairs = [("allreduce", "C0"), ("allreduce check off", "C1"), ("allreduce_ in place", "C2"),
-             ("allgather", "C3"), ("broadcast_", "C4")]
+             ("allgather", "C3"), ("broadcast_", "C4"), ("reducescatter", "C5")]
     raw_names = {"allreduce": "comm.Allreduce", "allreduce_ in place": "comm.Allreduce(IN_PLACE)",
-                 "allgather": "comm.Allgatherv", "broadcast_": "comm.Bcast"}
+                 "allgather": "comm.Allgatherv", "broadcast_": "comm.Bcast",
+                 "reducescatter": "comm.Reduce_scatter"}
     lat, bw = [], []
     for op, color in pairs:
         rs = [r for r in rows if r["op"] == op]

@@ -107,7 +107,8 @@ def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None, scale=1.0):
     datatype = mpi_type(recv.dtype)
     body = n - n % ranks if uses_ring(recv, ranks, ufunc) else 0
     if body:
-        _ring_allreduce(comm, recv if send is None else send, recv, body, datatype, ufunc, scale)
+        source = recv if send is None else send
+        ring(comm, source[:body], [body // ranks] * ranks, datatype, ufunc, scale, whole=recv[:body])
     step = max(1, min(MAX_COUNT, _piece // recv.itemsize)) if send is None else MAX_COUNT
     for i in range(body, n, step):
         source = MPI.IN_PLACE if send is None else [send[i:i + step], datatype]
@@ -118,30 +119,59 @@ def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None, scale=1.0):
     return bool(body) or scale == 1.0
 
 
-def _ring_allreduce(comm, x, y, count, datatype, ufunc, scale=1.0):
-    """Reduce ``x[:count]`` (count a multiple of the ranks) into ``y`` around the ring, times
-    ``scale``; x may be y."""
+def reduce_scatter_pieces(comm, send, recv, counts, mpi_op, ufunc=None, scale=1.0):
+    """Reduce-scatter 1-D ``send`` (rank k's part: ``counts[k]`` elements) into ``recv``: around
+    the ring where ``uses_ring``, scaled on the way (returns True), else one MPI Reduce_scatter
+    (returns whether ``scale`` is 1, i.e. nothing is left for the caller to do)."""
+    if uses_ring(send, comm.Get_size(), ufunc):
+        ring(comm, send, [int(c) for c in counts], mpi_type(send.dtype), ufunc, scale, mine=recv)
+        return True
+    comm.Reduce_scatter(spec(send), spec(recv), recvcounts=counts, op=mpi_op)
+    return scale == 1.0
+
+
+def ring(comm, x, counts, datatype, ufunc, scale=1.0, whole=None, mine=None):
+    """Reduce 1-D ``x`` over ``comm`` around the ring, in pieces, times ``scale``.
+
+    ``x`` is every rank's part in rank order (``counts[k]`` elements for rank k). Rank k's
+    part ends reduced in ``mine`` (a reduce-scatter), or, with ``whole`` (x's shape; x may be
+    whole), every part ends in ``whole`` on every rank (an allreduce). Per piece, ranks - 1
+    Sendrecv steps pass a partial sum on to the right neighbour, which adds its own data with
+    ``ufunc``; part k is complete on rank k, scaled there, and (allreduce) ranks - 1 more
+    steps pass the complete parts on.
+    """
     ranks, me = comm.Get_size(), comm.Get_rank()
     left, right = (me - 1) % ranks, (me + 1) % ranks
-    share = max(1, min(_piece // y.itemsize, MAX_COUNT, count // ranks))  # elements per rank and piece
-    factor = y.dtype.type(scale) if scale != 1.0 else None  # typed: NumPy's fast loop
-    raw = pool.acquire(share * y.itemsize)
-    arrived = raw[:share * y.itemsize].view(y.dtype)
+    starts = [sum(counts[:k]) for k in range(ranks)]
+    share = max(1, min(_piece // x.itemsize, MAX_COUNT, max(counts)))  # elements per part and piece
+    factor = x.dtype.type(scale) if scale != 1.0 else None  # typed: NumPy's fast loop
+    raw = pool.acquire(share * x.itemsize * (1 if whole is not None else 2))
+    got = raw[:share * x.itemsize].view(x.dtype)
+    acc = raw[share * x.itemsize:2 * share * x.itemsize].view(x.dtype)  # reduce-scatter's partial sums
     try:
-        for start in range(0, count, share * ranks):
-            m = min(share * ranks, count - start) // ranks
-            part = [slice(start + k * m, start + (k + 1) * m) for k in range(ranks)]
-            got = arrived[:m]
-            for step in range(ranks - 1):  # reduce-scatter: part me + 1 ends complete here
-                out, into = part[(me - step) % ranks], part[(me - step - 1) % ranks]
-                comm.Sendrecv([(x if step == 0 else y)[out], datatype], right, _RING_TAG,
-                              [got, datatype], left, _RING_TAG)
-                ufunc(got, x[into], out=y[into])
+        for lo in range(0, max(counts), share):
+            part = [slice(starts[k] + min(lo, counts[k]), starts[k] + min(lo + share, counts[k]))
+                    for k in range(ranks)]
+            size = [p.stop - p.start for p in part]
+            done = whole[part[me]] if whole is not None else mine[part[me].start - starts[me]:][:size[me]]
+            for step in range(ranks - 1):
+                out, into = (me - step - 1) % ranks, (me - step - 2) % ranks
+                if step == 0:
+                    sent = x[part[out]]
+                else:
+                    sent = whole[part[out]] if whole is not None else acc[:size[out]]
+                arrived = got[:size[into]]
+                comm.Sendrecv([sent, datatype], right, _RING_TAG, [arrived, datatype], left, _RING_TAG)
+                if step == ranks - 2:
+                    target = done
+                else:
+                    target = whole[part[into]] if whole is not None else acc[:size[into]]
+                ufunc(arrived, x[part[into]], out=target)
             if factor is not None:
-                numpy.multiply(y[into], factor, out=y[into])
-            for step in range(ranks - 1):  # allgather: pass the complete parts on
-                comm.Sendrecv([y[part[(me + 1 - step) % ranks]], datatype], right, _RING_TAG,
-                              [y[part[(me - step) % ranks]], datatype], left, _RING_TAG)
+                numpy.multiply(done, factor, out=done)
+            for step in range(ranks - 1 if whole is not None else 0):  # allgather the complete parts
+                comm.Sendrecv([whole[part[(me - step) % ranks]], datatype], right, _RING_TAG,
+                              [whole[part[(me - step - 1) % ranks]], datatype], left, _RING_TAG)
     finally:
         pool.release(raw)
 

@@ -11,7 +11,8 @@ import numpy
 from .. import _env
 from ..backend.xp import asnumpy, get_array_module, is_float_dtype
 from . import check, stall
-from ._buffers import Staged, allreduce_pieces, bcast_pieces, empty_result, flat, spec, uses_ring
+from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, spec,
+                       uses_ring)
 from .engine import Handle, engine
 from .ops import Average, Sum, as_op, check_dtype, dtype_name, mpi_op
 from .process_set import resolve
@@ -397,18 +398,20 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
     send = Staged(work)
     recv = Staged(empty_result(xp, (mine,) + tail, x.dtype), copy_in=False)
     post = postscale_factor / n if op is Average else postscale_factor
-    signature = (("op", op.name), ("dtype", dtype_name(x.dtype)), ("shape", tuple(x.shape)))
+    signature = (("op", op.name), ("dtype", dtype_name(x.dtype)), ("shape", tuple(x.shape)),
+                 ("path", _path(send.host, comm, op)))
     mop = mpi_op(op, x.dtype)
 
     def run():
         _agree(comm, "reducescatter", name, signature)
-        if rows:
-            comm.Reduce_scatter(spec(flat(send.host)), spec(flat(recv.host)), recvcounts=counts, op=mop)
+        return not rows or reduce_scatter_pieces(comm, flat(send.host), flat(recv.host), counts, mop, op.ufunc,
+                                                 post)
 
-    def finish(_):
+    def finish(scaled):
         send.finish(copy_out=False)
         out = recv.finish()
-        _scale(out, post)
+        if not scaled:
+            _scale(out, post)
         return out
 
     return _launch(blocking, run, name, seq, finish)

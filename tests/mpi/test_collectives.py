@@ -196,6 +196,31 @@ def test_reducescatter(xp, rank, size, dtype, rows):
     close(got, reference(arrays, "Max")[start:start + mine], dtype)
 
 
+@pytest.mark.parametrize("piece", [4, 64, 1 << 20])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32", "int64"])
+def test_reducescatter_on_the_ring(rank, size, piece, dtype):
+    """reducescatter around the ring: uneven parts (the first ranks get a row more), parts of
+    zero rows, pieces smaller than a part, the average and a postscale folded in."""
+    from mpidp.comm import _buffers
+    old = _buffers.piece_bytes(), _buffers.RING_FROM
+    _buffers.set_piece_bytes(piece)
+    _buffers.RING_FROM = 1
+    try:
+        for rows in (7 * size + 3, 2 * size, size - 1, 1):
+            arrays = inputs((rows, 5), dtype, size, salt=rows)
+            base, extra = divmod(rows, size)
+            start, mine = rank * base + min(rank, extra), base + (rank < extra)
+            for op in ("Sum", "Min", "Max"):
+                got = mpidp.reducescatter(arrays[rank], op=getattr(mpidp, op))
+                close(got, reference(arrays, op)[start:start + mine], dtype)
+            if dtype.startswith("float"):
+                got = mpidp.reducescatter(arrays[rank], postscale_factor=2.0)
+                close(got, reference(arrays, "Average")[start:start + mine] * 2.0, dtype)
+    finally:
+        _buffers.set_piece_bytes(old[0])
+        _buffers.RING_FROM = old[1]
+
+
 def test_objects_and_barrier(rank, size):
     assert mpidp.broadcast_object({"rank": rank, "blob": b"x" * 1000}, root_rank=size - 1) == \
         {"rank": size - 1, "blob": b"x" * 1000}
