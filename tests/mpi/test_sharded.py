@@ -85,6 +85,18 @@ def test_matches_one_big_batch(rank, size, stage, kind, bucket_bytes):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("bucket_bytes", [200, 1 << 20])
+def test_ring_reduce_scatter_matches_one_big_batch(rank, size, stage, bucket_bytes, monkeypatch):
+    """Every gradient reduce-scatter around the ring (the average folded in)."""
+    from mpidp.comm import _buffers
+    monkeypatch.setattr(_buffers, "RING_FROM", 1)
+    model, opt = sharded("adam", rank, size, stage=stage, bucket_bytes=bucket_bytes)
+    train(model, opt, rank, size)
+    compare(model, reference("adam", size)[0])
+    mpidp.check_replicas(model)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
 def test_matches_distributed_optimizer(rank, size, stage):
     model, opt = sharded("adam", rank, size, stage=stage, overlap=False)
     train(model, opt, rank, size)
