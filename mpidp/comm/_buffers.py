@@ -1,4 +1,5 @@
 """Arrays as MPI-ready contiguous host (or CUDA-aware device) buffers, and pieced transfers."""
+import itertools
 import math
 import weakref
 
@@ -8,7 +9,7 @@ from mpi4py import MPI
 from .. import _env
 from ..backend.device import sync_before_mpi
 from ..backend.pinned import pool, staged
-from ..backend.xp import is_cupy
+from ..backend.xp import get_array_module, is_cupy, is_float_dtype
 from . import runtime
 from .ops import HALF, mpi_type
 
@@ -56,6 +57,13 @@ def uses_ring(recv, ranks, ufunc):
             and recv.size // ranks * recv.itemsize >= RING_FROM)
 
 
+def scale(x, factor):
+    """``x *= factor`` in place, in x's own precision (a Python float factor costs NumPy 1.4x the pass)."""
+    if factor != 1.0:
+        typed = x.dtype.type(factor) if is_float_dtype(x.dtype) else factor
+        get_array_module(x).multiply(x, typed, out=x, casting="unsafe")
+
+
 class Staged:
     """``array`` as something MPI can read and write: itself, or a pooled host copy for a GPU array."""
 
@@ -93,45 +101,44 @@ def spec(a, count=None, displ=None):
     return [a, count, displ, mpi_type(a.dtype)]
 
 
-def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None, scale=1.0):
+def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None, factor=1.0):
     """Allreduce 1-D ``recv`` (from ``send``, or in place when send is None) over ``comm``.
 
     Where ``uses_ring`` (``ufunc`` is the op's NumPy ufunc), the first ``size - size % ranks``
     elements go around the ring and the rest, which does not split over the ranks, is one
-    small Allreduce; the ring also multiplies by ``scale`` each part it completes, while the
+    small Allreduce; the ring also multiplies by ``factor`` each part it completes, while the
     part is in cache (an average costs no extra pass). Otherwise the message is Allreduce
     calls. Returns True when ``recv`` holds the scaled result, False when the caller must
-    still multiply by ``scale``.
+    still multiply by ``factor``.
     """
     n, ranks = recv.size, comm.Get_size()
     datatype = mpi_type(recv.dtype)
     body = n - n % ranks if uses_ring(recv, ranks, ufunc) else 0
     if body:
         source = recv if send is None else send
-        ring(comm, source[:body], [body // ranks] * ranks, datatype, ufunc, scale, whole=recv[:body])
+        ring(comm, source[:body], [body // ranks] * ranks, datatype, ufunc, factor, whole=recv[:body])
     step = max(1, min(MAX_COUNT, _piece // recv.itemsize)) if send is None else MAX_COUNT
     for i in range(body, n, step):
         source = MPI.IN_PLACE if send is None else [send[i:i + step], datatype]
         comm.Allreduce(source, [recv[i:i + step], datatype], op=mpi_op)
-    if body and scale != 1.0 and body < n:
-        rest = recv[body:]
-        numpy.multiply(rest, rest.dtype.type(scale), out=rest)
-    return bool(body) or scale == 1.0
+    if body:
+        scale(recv[body:], factor)
+    return bool(body) or factor == 1.0
 
 
-def reduce_scatter_pieces(comm, send, recv, counts, mpi_op, ufunc=None, scale=1.0):
+def reduce_scatter_pieces(comm, send, recv, counts, mpi_op, ufunc=None, factor=1.0):
     """Reduce-scatter 1-D ``send`` (rank k's part: ``counts[k]`` elements) into ``recv``: around
     the ring where ``uses_ring``, scaled on the way (returns True), else one MPI Reduce_scatter
-    (returns whether ``scale`` is 1, i.e. nothing is left for the caller to do)."""
+    (returns whether ``factor`` is 1, i.e. nothing is left for the caller to do)."""
     if uses_ring(send, comm.Get_size(), ufunc):
-        ring(comm, send, [int(c) for c in counts], mpi_type(send.dtype), ufunc, scale, mine=recv)
+        ring(comm, send, [int(c) for c in counts], mpi_type(send.dtype), ufunc, factor, mine=recv)
         return True
     comm.Reduce_scatter(spec(send), spec(recv), recvcounts=counts, op=mpi_op)
-    return scale == 1.0
+    return factor == 1.0
 
 
-def ring(comm, x, counts, datatype, ufunc, scale=1.0, whole=None, mine=None):
-    """Reduce 1-D ``x`` over ``comm`` around the ring, in pieces, times ``scale``.
+def ring(comm, x, counts, datatype, ufunc, factor=1.0, whole=None, mine=None):
+    """Reduce 1-D ``x`` over ``comm`` around the ring, in pieces, times ``factor``.
 
     ``x`` is every rank's part in rank order (``counts[k]`` elements for rank k). Rank k's
     part ends reduced in ``mine`` (a reduce-scatter), or, with ``whole`` (x's shape; x may be
@@ -142,9 +149,8 @@ def ring(comm, x, counts, datatype, ufunc, scale=1.0, whole=None, mine=None):
     """
     ranks, me = comm.Get_size(), comm.Get_rank()
     left, right = (me - 1) % ranks, (me + 1) % ranks
-    starts = [sum(counts[:k]) for k in range(ranks)]
+    starts = list(itertools.accumulate(counts, initial=0))
     share = max(1, min(_piece // x.itemsize, MAX_COUNT, max(counts)))  # elements per part and piece
-    factor = x.dtype.type(scale) if scale != 1.0 else None  # typed: NumPy's fast loop
     raw = pool.acquire(share * x.itemsize * (1 if whole is not None else 2))
     got = raw[:share * x.itemsize].view(x.dtype)
     acc = raw[share * x.itemsize:2 * share * x.itemsize].view(x.dtype)  # reduce-scatter's partial sums
@@ -153,22 +159,18 @@ def ring(comm, x, counts, datatype, ufunc, scale=1.0, whole=None, mine=None):
             part = [slice(starts[k] + min(lo, counts[k]), starts[k] + min(lo + share, counts[k]))
                     for k in range(ranks)]
             size = [p.stop - p.start for p in part]
-            done = whole[part[me]] if whole is not None else mine[part[me].start - starts[me]:][:size[me]]
+            done = whole[part[me]] if whole is not None else mine[min(lo, counts[me]):min(lo + share, counts[me])]
+
+            def partial(k):  # where a partial sum of part k waits until it is sent on
+                return whole[part[k]] if whole is not None else acc[:size[k]]
+
             for step in range(ranks - 1):
                 out, into = (me - step - 1) % ranks, (me - step - 2) % ranks
-                if step == 0:
-                    sent = x[part[out]]
-                else:
-                    sent = whole[part[out]] if whole is not None else acc[:size[out]]
                 arrived = got[:size[into]]
-                comm.Sendrecv([sent, datatype], right, _RING_TAG, [arrived, datatype], left, _RING_TAG)
-                if step == ranks - 2:
-                    target = done
-                else:
-                    target = whole[part[into]] if whole is not None else acc[:size[into]]
-                ufunc(arrived, x[part[into]], out=target)
-            if factor is not None:
-                numpy.multiply(done, factor, out=done)
+                comm.Sendrecv([x[part[out]] if step == 0 else partial(out), datatype], right, _RING_TAG,
+                              [arrived, datatype], left, _RING_TAG)
+                ufunc(arrived, x[part[into]], out=done if step == ranks - 2 else partial(into))
+            scale(done, factor)
             for step in range(ranks - 1 if whole is not None else 0):  # allgather the complete parts
                 comm.Sendrecv([whole[part[(me - step) % ranks]], datatype], right, _RING_TAG,
                               [whole[part[(me - step - 1) % ranks]], datatype], left, _RING_TAG)

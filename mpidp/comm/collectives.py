@@ -11,8 +11,8 @@ import numpy
 from .. import _env
 from ..backend.xp import asnumpy, get_array_module, is_float_dtype
 from . import check, stall
-from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, spec,
-                       uses_ring)
+from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, scale,
+                       spec, uses_ring)
 from .engine import Handle, engine
 from .ops import Average, Sum, as_op, check_dtype, dtype_name, mpi_op
 from .process_set import resolve
@@ -62,14 +62,7 @@ def _path(buf, comm, op):
     raise MismatchError instead of waiting for each other in different calls."""
     if uses_ring(flat(buf), comm.Get_size(), op.ufunc):
         return "ring (host memory)"
-    return "MPI Allreduce" if isinstance(buf, numpy.ndarray) else "MPI Allreduce (device memory)"
-
-
-def _scale(x, factor):
-    """``x *= factor`` in x's own precision (a Python float factor costs NumPy 1.4x the pass)."""
-    if factor != 1.0:
-        xp = get_array_module(x)
-        xp.multiply(x, x.dtype.type(factor) if is_float_dtype(x.dtype) else factor, out=x, casting="unsafe")
+    return "MPI" if isinstance(buf, numpy.ndarray) else "MPI (device memory)"
 
 
 # --- allreduce --------------------------------------------------------------------------------
@@ -88,7 +81,7 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
     if inplace or prescale_factor != 1.0:  # reduce in place in a contiguous work array
         work = x if (inplace and x.flags.c_contiguous) else _copy(xp, x)
-        _scale(work, prescale_factor)
+        scale(work, prescale_factor)
         send, recv = None, Staged(work)
     else:
         send = Staged(xp.ascontiguousarray(x))
@@ -108,7 +101,7 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
             send.finish(copy_out=False)
         recv.finish()
         if not scaled:
-            _scale(work, post)
+            scale(work, post)
         if inplace and work is not x:
             x[...] = work
             return x
@@ -181,7 +174,7 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
             else:
                 t.get(out=view) if t.flags.c_contiguous else xp.ascontiguousarray(t).get(out=view)
             offset += t.size
-        _scale(fused.host, prescale_factor)
+        scale(fused.host, prescale_factor)
         buffers.append((dtype, idx, fused))
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
     signature = (("op", op.name), ("tensors", tuple((dtype_name(t.dtype), tuple(t.shape)) for t in tensors)),
@@ -197,7 +190,7 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
         for (dtype, idx, fused), done in zip(buffers, scaled):
             result = fused.finish()
             if not done:
-                _scale(result, post)
+                scale(result, post)
             offset = 0
             for i in idx:
                 t = tensors[i]
@@ -394,7 +387,7 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
     mine = base + (me < extra)  # the first ``extra`` ranks get one row more
     counts = numpy.array([(base + (r < extra)) * row for r in range(n)], dtype=numpy.int64)
     work = _copy(xp, x) if prescale_factor != 1 else xp.ascontiguousarray(x)
-    _scale(work, prescale_factor)
+    scale(work, prescale_factor)
     send = Staged(work)
     recv = Staged(empty_result(xp, (mine,) + tail, x.dtype), copy_in=False)
     post = postscale_factor / n if op is Average else postscale_factor
@@ -411,7 +404,7 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
         send.finish(copy_out=False)
         out = recv.finish()
         if not scaled:
-            _scale(out, post)
+            scale(out, post)
         return out
 
     return _launch(blocking, run, name, seq, finish)
