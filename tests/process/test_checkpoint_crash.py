@@ -110,6 +110,7 @@ def test_full_disk_during_save_is_a_clear_error_on_every_rank(tmp_path):
             print(f"rank {r} CheckpointError: {exc}", flush=True)
         else:
             print(f"rank {r}: no error", flush=True)
+        mpidp.barrier()  # rank 1's line is out before rank 0's: hydra may splice lines written at once
         if r == 0:
             print("files:", sorted(os.listdir(d)), flush=True)
         fresh = Model(1 << 18, 0.0)
