@@ -354,6 +354,7 @@ def collectives_phase(args, xp, rank, size):
             for k in order:
                 settle(inflight[k])
             inflight.clear()
+            out = None  # the last async handle, waited for: only the engine thread's last may stay alive
             phase.tick()
             if agreed_stop(phase):
                 break
