@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _benchutil as bu  # noqa: E402
 
 SECTIONS = ("env", "staging", "collectives", "train", "offload", "timeline")
-BUDGETS = {"env": 0, "staging": 20, "collectives": 30, "train": 12, "offload": 25, "timeline": 0}
+BUDGETS = {"env": 0, "staging": 20, "collectives": 30, "train": 8, "offload": 25, "timeline": 0}
 STAGING_TARGET = OFFLOAD_BW_TARGET = 0.8
 HIDDEN_TARGET = 0.7
 MB = 1 << 20
@@ -147,8 +147,10 @@ def section_env(args, xp):
     if xp is not numpy:
         props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
         free, total = xp.cuda.runtime.memGetInfo()
+        name = props["name"]
         mine.update(current_device=xp.cuda.Device().id, device_count=xp.cuda.runtime.getDeviceCount(),
-                    device_name=props["name"].decode(), device_memory_gib=round(total / 2 ** 30, 1),
+                    device_name=name.decode() if isinstance(name, bytes) else str(name),
+                    device_memory_gib=round(total / 2 ** 30, 1),
                     free_memory_gib=round(free / 2 ** 30, 1))
     ranks = mpidp.allgather_object(mine)
     if mpidp.rank() == 0:
@@ -357,7 +359,8 @@ def training_step(name, args, xp, trace=False):
             with timeline.span("backward", "compute"):
                 model.backward(crit.backward())
             opt.step()
-            sync(xp)  # the step ends when the device is done: host spans then cover the GPU work
+            with timeline.span("device sync", "wait"):  # spans are host time: kernels still queued end here
+                sync(xp)
 
     return model, opt, batch, step
 
@@ -600,8 +603,8 @@ def draw_step(doc, png, title):
     ax.set_xlim(0, (hi - lo) / 1e3)
     ax.set_xlabel("ms since the step started (rank 0)")
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c, label=k) for k, c in colors.items()],
-              loc="upper right", fontsize=7, ncol=6)
-    ax.set_title(title)
+              loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=7, ncol=6, frameon=False)
+    ax.set_title(title, pad=22)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
