@@ -126,16 +126,17 @@ def test_cpu_dry_run_writes_the_layout_and_a_bundle(tmp_path):
     out, venv, bundle = tmp_path / "out", tmp_path / "venv", tmp_path / "gpu-check.tar.gz"
     (tmp_path / "no-wheels").mkdir()  # use this interpreter's mpi4py and MPI: nothing to install
     common = ["--cpu-dry-run", "--venv", venv, "--wheels", tmp_path / "no-wheels"]
-    rc, text, _ = check(*common, "--only", "staging,offload", "--bundle", bundle, out, timeout=300)
+    rc, text, _ = check(*common, "--only", "env,staging", "--bundle", bundle, out, timeout=300)
     assert rc == 0, text
     assert "CPU DRY RUN" in text and "**result: passed** (dry run: plumbing only)" in text
-    for name in ("phases.tsv", "summary.md", "logs/setup.log", "logs/staging.log", "logs/offload.log",
-                 "bench/staging.json", "bench/staging.csv", "bench/offload.json", "bench/offload.csv"):
+    for name in ("phases.tsv", "summary.md", "logs/setup.log", "logs/env.log", "logs/staging.log",
+                 "bench/env.json", "bench/staging.json", "bench/staging.csv"):
         assert (out / name).is_file(), f"{name} missing; {sorted(str(p) for p in out.rglob('*'))}"
     phases = [line.split("\t")[:2] for line in (out / "phases.tsv").read_text().splitlines()]
-    assert phases == [["setup", "ok"], ["staging", "ok"], ["offload", "ok"]]
+    assert phases == [["setup", "ok"], ["env", "ok"], ["staging", "ok"]]
+    assert "- rank 1 (local 1): device None, cuda_aware() = False" in text  # both ranks reported
     with tarfile.open(bundle) as tar:
         assert "out/summary.md" in tar.getnames()
     # no time left: every phase is reported as not run, and the run fails
-    rc, text, _ = check(*common, "--only", "env", "--deadline", "0", out, timeout=300)
-    assert rc == 1 and "env: not run" in text and "| env | notime |" in text, text
+    rc, text, _ = check(*common, "--only", "staging", "--deadline", "0", out, timeout=300)
+    assert rc == 1 and "staging: not run" in text and "| staging | notime |" in text, text
