@@ -66,6 +66,9 @@ while (($#)); do
   shift
 done
 [[ $deadline =~ ^[0-9]+$ ]] || die "--deadline must be whole seconds, got '$deadline'"
+# the phases run from the repository root: paths given relative to the caller's folder stay so
+venv=$(realpath -m "$venv") wheels=$(realpath -m "$wheels")
+[[ -z $bundle ]] || bundle=$(realpath -m "$bundle")
 for p in ${only//,/ } ${skip//,/ }; do
   [[ " $PHASES " == *" $p "* ]] || die "unknown phase '$p'; phases are: $PHASES"
 done
