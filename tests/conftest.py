@@ -16,7 +16,9 @@ def pytest_collection_modifyitems(config, items):
     nested = pytest.mark.skip(reason="launches mpiexec itself; run it outside mpiexec")
     under_mpi = world_size() > 1
     for item in items:
-        if "gpu" in item.keywords and not gpu_available():
+        # markers, not keywords: keywords also hold node names, and a folder or checkout called
+        # 'gpu' (tests/gpu itself) would make every test under it a GPU test
+        if item.get_closest_marker("gpu") and not gpu_available():
             item.add_marker(no_gpu)
-        if "spawns" in item.keywords and under_mpi:
+        if item.get_closest_marker("spawns") and under_mpi:
             item.add_marker(nested)
