@@ -33,7 +33,11 @@ def native(x, what="collective"):
     x = _detached(x)
     kind, device_id = x.__dlpack_device__()
     if kind in _HOST_DEVICES:
-        return numpy.from_dlpack(x)
+        try:
+            return numpy.from_dlpack(x)
+        except (RuntimeError, BufferError, TypeError) as exc:  # e.g. bfloat16, which NumPy cannot import
+            raise TypeError(f"{what} cannot take this {type(x).__name__} ({getattr(x, 'dtype', '?')}) "
+                            f"through DLPack: {exc}; cast it to float32 first") from exc
     if kind in _CUDA_DEVICES:
         cp = cupy_module()
         if cp is None:
