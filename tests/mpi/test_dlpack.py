@@ -50,7 +50,7 @@ def test_allreduce_family(rank, size, dtype):
     assert got.dtype == DTYPES[dtype]
     same(t, arrays[rank])  # untouched
     same(mpidp.synchronize(mpidp.allreduce_async(t, op=op)), want)
-    u, ptr = tensor(arrays[rank]), None
+    u = tensor(arrays[rank])
     ptr = u.data_ptr()
     assert mpidp.allreduce_(u, op=op) is u and u.data_ptr() == ptr
     same(u, want)
