@@ -232,3 +232,23 @@ def save(path=None):
     if error:
         raise OSError(error)
     return path
+
+
+def start_timeline(file_path, mark_cycles=False):
+    """Horovod's name: start recording on every rank; ``stop_timeline()`` writes ``file_path``.
+
+    ``mark_cycles`` is accepted for Horovod scripts and changes nothing: mpidp has no
+    coordinator cycles, every collective is its own span. Events recorded before are dropped.
+    """
+    if not file_path:
+        raise ValueError("start_timeline needs a file path to write the trace to, got "
+                         f"{file_path!r}")
+    start(file_path)
+
+
+def stop_timeline():
+    """Horovod's name, a collective: write everything recorded since start_timeline (rank 0 writes
+    one file for all ranks), then stop recording. Returns the path, or None when nothing was on."""
+    path = save()
+    stop()
+    return path

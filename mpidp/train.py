@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy
+from tqdm import tqdm
 
 import mpidp
 from mpidp import checkpoint, data, models, nn, optim, timeline
@@ -121,30 +122,39 @@ def build_optimizer(args, model):
 # -- the loop ---------------------------------------------------------------------------------------
 
 class Progress:
-    """Rank 0's report: a live bar on a terminal, plain log lines otherwise."""
+    """Rank 0's report: a tqdm bar on a terminal (``--progress bar``), plain log lines otherwise."""
 
     def __init__(self, mode, total_steps, log_every):
         self.on = mpidp.rank() == 0 and mode != "none"
-        self.bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+        self.use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
         self.total, self.every = total_steps, log_every
+        self.bar = None  # made at the first step, so a resumed run's bar starts where it resumed
 
     def step(self, step, epoch, loss, samples_per_s):
         if not self.on:
             return
-        if self.bar:
-            done = int(30 * step / max(self.total, 1))
-            sys.stdout.write(f"\r[{'#' * done}{'.' * (30 - done)}] step {step}/{self.total} epoch {epoch} "
-                             f"loss {loss:.4f} {samples_per_s:,.0f} samples/s ")
-            sys.stdout.flush()
+        if self.use_bar:
+            if self.bar is None:
+                self.bar = tqdm(total=self.total, initial=step - 1, unit="step", file=sys.stdout,
+                                dynamic_ncols=True)
+            self.bar.set_postfix_str(f"epoch {epoch} loss {loss:.4f} {samples_per_s:,.0f} samples/s",
+                                     refresh=False)
+            self.bar.update(step - self.bar.n)
         elif step % self.every == 0 or step == self.total:
             print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} {samples_per_s:,.0f} samples/s",
                   flush=True)
 
     def line(self, text):
         if self.on:
-            if self.bar:
-                sys.stdout.write("\n")
-            print(text, flush=True)
+            if self.bar is not None:
+                self.bar.write(text, file=sys.stdout)  # above the bar, which is redrawn below
+            else:
+                print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def evaluate(model, dataset, batch_size, xp):
@@ -266,6 +276,7 @@ def train(args):
             if not args.checkpoint_every:
                 save(f"end of epoch {epoch + 1}")
     elapsed = time.perf_counter() - start
+    progress.close()
     if not interrupted or args.max_steps:
         save("final" if not interrupted else f"--max-steps {args.max_steps}")
     test_loss, test_acc = evaluate(model, test_set, 256, xp)

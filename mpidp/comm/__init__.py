@@ -28,10 +28,14 @@ from .collectives import (Handle, allgather, allgather_async, allreduce, allredu
                           broadcast_async, broadcast_async_, grouped_allreduce, grouped_allreduce_,
                           grouped_allreduce_async, poll, reducescatter, reducescatter_async,
                           set_check, synchronize)
+from .collectives import grouped_allreduce_async_
+from .grouped import (grouped_allgather, grouped_allgather_async, grouped_reducescatter,
+                      grouped_reducescatter_async)
 from .objects import allgather_object, broadcast_object
 from .ops import Average, Max, Min, Product, ReduceOp, Sum
-from .process_set import ProcessSet, global_process_set
+from .process_set import ProcessSet, add_process_set, global_process_set, remove_process_set
 from .runtime import (cross_rank, cross_size, cuda_aware, get_comm, init, is_initialized, local_rank,
                       local_size, mpi_threads_supported, rank, shutdown, size)
+from .runtime import is_homogeneous
 
 __all__ = [n for n in dir() if not n.startswith("_")]

@@ -10,7 +10,7 @@ import numpy
 
 from .. import _env
 from ..backend.xp import asnumpy, get_array_module, is_float_dtype
-from . import check, stall
+from . import check, dlpack as _dlpack, stall
 from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, scale,
                        spec, uses_ring)
 from .engine import Handle, engine
@@ -446,3 +446,24 @@ __all__ = ["allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "gr
            "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall",
            "alltoall_async", "reducescatter", "reducescatter_async", "barrier", "synchronize",
            "poll", "Handle", "set_check"]
+
+
+def grouped_allreduce_async_(tensors, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0,
+                             process_set=None):
+    """Start reducing each tensor in place, in one fused exchange per dtype."""
+    return _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_set, True, False)
+
+
+# Arrays of other frameworks (PyTorch, JAX, ...) in, the same type out (dlpack.py).
+allreduce, allreduce_async, allgather, allgather_async, broadcast, broadcast_async, alltoall, \
+    alltoall_async, reducescatter, reducescatter_async = (
+        _dlpack.tensor_op(f) for f in (allreduce, allreduce_async, allgather, allgather_async, broadcast,
+                                       broadcast_async, alltoall, alltoall_async, reducescatter,
+                                       reducescatter_async))
+allreduce_, allreduce_async_, broadcast_, broadcast_async_ = (
+    _dlpack.tensor_op(f, inplace=True) for f in (allreduce_, allreduce_async_, broadcast_, broadcast_async_))
+grouped_allreduce, grouped_allreduce_async = (
+    _dlpack.grouped_op(f) for f in (grouped_allreduce, grouped_allreduce_async))
+grouped_allreduce_, grouped_allreduce_async_ = (
+    _dlpack.grouped_op(f, inplace=True) for f in (grouped_allreduce_, grouped_allreduce_async_))
+__all__.append("grouped_allreduce_async_")

@@ -13,17 +13,23 @@ class ProcessSet:
     """
 
     def __init__(self, ranks):
+        self.ranks = sorted(int(r) for r in ranks)
+        self.comm = None
+        self.process_set_id = None  # set when registered (created): by init(process_sets=) or add_process_set
+        if runtime.is_initialized():  # before init() it waits, as in Horovod, for init(process_sets=[...])
+            self._register()
+
+    def _register(self):
         world = runtime.get_comm()
-        ranks = sorted(int(r) for r in ranks)
-        n = world.Get_size()
+        ranks, n = self.ranks, world.Get_size()
         if not ranks or len(set(ranks)) != len(ranks) or ranks[0] < 0 or ranks[-1] >= n:
             raise ValueError(f"process set ranks {ranks} must be distinct ranks in [0, {n}) and not empty")
         from .engine import engine
         engine.drain()  # communicator creation must not race queued collectives
         check.agree(world, "ProcessSet", "process_set", (("ranks", tuple(ranks)),))
-        self.ranks = ranks
         comm = world.Create(world.Get_group().Incl(ranks))
         self.comm = None if comm == MPI.COMM_NULL else comm
+        self.process_set_id = _next_id()
         _created.append(self)
 
     def included(self):
@@ -38,6 +44,9 @@ class ProcessSet:
         return len(self.ranks)
 
     def _member(self):
+        if self.process_set_id is None:
+            raise ValueError(f"process set {self.ranks} is not registered: pass it to mpidp.init(process_sets=[...]) "
+                             f"or mpidp.add_process_set() on every rank")
         if self.comm is None:
             raise ValueError(f"rank {runtime.rank()} is not in process set {self.ranks}; call the "
                              f"collective only on its member ranks")
@@ -57,7 +66,7 @@ class _GlobalSet(ProcessSet):
     """All ranks: mpidp's own communicator."""
 
     def __init__(self):  # no creation: it is the runtime's communicator
-        pass
+        self.process_set_id = 0
 
     @property
     def comm(self):
@@ -93,5 +102,39 @@ def _free_all():
     for ps in _created:
         if ps.comm is not None:
             ps.comm.Free()
-            ps.comm = None
+        ps.comm, ps.process_set_id = None, None
     _created.clear()
+
+
+def _next_id():
+    return max((ps.process_set_id for ps in _created), default=0) + 1
+
+
+def add_process_set(process_set):
+    """Create a process set from a ProcessSet or a list of ranks (collective: every rank alike); returns it."""
+    runtime.get_comm()
+    given = isinstance(process_set, ProcessSet)
+    ranks = process_set.ranks if given else sorted(int(r) for r in process_set)
+    if given and process_set.process_set_id is not None:
+        raise ValueError(f"process set {ranks} is already registered (id {process_set.process_set_id})")
+    if ranks == global_process_set.ranks or any(other.ranks == ranks for other in _created):
+        raise ValueError(f"a process set with ranks {ranks} exists already; use it, or remove it first")
+    if not given:
+        return ProcessSet(ranks)
+    process_set._register()
+    return process_set
+
+
+def remove_process_set(process_set):
+    """Free a process set's communicator (collective: every rank alike); False for the global set or
+    a set that is not registered."""
+    if process_set is global_process_set or process_set not in _created:
+        return False
+    from .engine import engine
+    engine.drain()  # nothing queued may still use the communicator
+    check.agree(runtime.get_comm(), "remove_process_set", "process_set", (("ranks", tuple(process_set.ranks)),))
+    if process_set.comm is not None:
+        process_set.comm.Free()
+    process_set.comm, process_set.process_set_id = None, None
+    _created.remove(process_set)
+    return True

@@ -23,14 +23,19 @@ class _State:
         self.cuda_aware = None
         self.cuda_aware_how = ""
         self.finalize_mpi = False
+        self.homogeneous = None   # every node runs the same number of ranks
 
 
 _state = _State()
 
 
-def init(comm=None):
-    """Initialise mpidp over ``comm`` (default COMM_WORLD); idempotent."""
+def init(comm=None, process_sets=None):
+    """Initialise mpidp over ``comm`` (default COMM_WORLD); idempotent.
+
+    ``process_sets``: ProcessSets (or rank lists) to create now, as Horovod's ``init``.
+    """
     if _state.comm is not None:
+        _add_process_sets(process_sets)
         return
     if not MPI.Is_initialized():
         MPI.Init_thread(MPI.THREAD_MULTIPLE)
@@ -39,6 +44,7 @@ def init(comm=None):
     _state.comm = base.Dup()  # our traffic never matches the user's own messages
     _state.local_comm = _state.comm.Split_type(MPI.COMM_TYPE_SHARED, key=_state.comm.Get_rank())
     _state.cross_comm = _state.comm.Split(_state.local_comm.Get_rank(), _state.comm.Get_rank())
+    _state.homogeneous = len(set(_state.comm.allgather(_state.local_comm.Get_size()))) == 1
     _state.cuda_aware, _state.cuda_aware_how = _cuda_aware.detect()
     _state.device = bind_device(_state.local_comm.Get_rank())
     stall.start(_state.comm)
@@ -46,6 +52,7 @@ def init(comm=None):
     if _env.get("MPIDP_ABORT_ON_EXCEPTION"):
         _abort.install(_state.comm)
     atexit.register(_exit_without_shutdown)
+    _add_process_sets(process_sets)
 
 
 def shutdown():
@@ -140,3 +147,18 @@ def cuda_aware(verbose=False):
 def device():
     """The CUDA device this rank is bound to, or None on a CPU-only machine."""
     return _state.device
+
+
+def is_homogeneous():
+    """True when every node runs the same number of ranks."""
+    get_comm()
+    return _state.homogeneous
+
+
+def _add_process_sets(process_sets):
+    if process_sets is None or process_sets == "dynamic":  # Horovod's "dynamic": always so here
+        return
+    from .process_set import ProcessSet, add_process_set
+    for ps in process_sets:
+        if not (isinstance(ps, ProcessSet) and ps.process_set_id is not None):  # created after init
+            add_process_set(ps)

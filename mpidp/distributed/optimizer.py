@@ -78,6 +78,7 @@ class DistributedOptimizer:
         self._threshold_given = fusion_threshold_bytes is not None  # explicit settings win over tuning
         self._passes = 0
         self._sync_off = False
+        self._skip_sync = False
         self._synchronized = False
         self._hooks = [p.register_hook(self._grad_ready) for p in params] if overlap else []
         f = float(gradient_predivide_factor)
@@ -211,7 +212,11 @@ class DistributedOptimizer:
     def step(self):
         """Average the gradients (unless ``synchronize()`` already did) and update the parameters."""
         self._passes = 0
-        self.synchronize()
+        if not self._skip_sync:
+            self.synchronize()
+        elif not self._synchronized:
+            raise MpidpError("step() inside skip_synchronize() before synchronize(): the gradients are not "
+                             "averaged yet; call optimizer.synchronize() first, as in Horovod")
         if self._autotune_pending:  # MPIDP_AUTOTUNE=1: measure once, on this step's real gradients
             self._autotune_pending = False
             from .. import tune  # tune drives this optimizer from above; imported only when asked
@@ -235,6 +240,25 @@ class DistributedOptimizer:
         for bucket in self.buckets:
             bucket.rebind()
             bucket.flat.fill(0)
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """As in Horovod: ``step()`` inside applies gradients already averaged by ``synchronize()``
+        (for clipping between the two) and does not average them again."""
+        self._skip_sync = True
+        try:
+            yield
+        finally:
+            self._skip_sync = False
+
+    def set_backward_passes_per_step(self, passes):
+        """Accumulate ``passes`` backward passes locally before the gradients are averaged (between steps)."""
+        if int(passes) < 1:
+            raise ValueError(f"backward_passes_per_step must be >= 1, got {passes}")
+        if any(b.handle is not None or b.ready for b in self.buckets):
+            raise MpidpError("set_backward_passes_per_step() during accumulation: call it after step(), "
+                             "before the next backward pass")
+        self.backward_passes_per_step = int(passes)
 
     # -- pass-through of the wrapped optimizer ---------------------------------------------------
     @property

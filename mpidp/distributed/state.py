@@ -29,15 +29,30 @@ def broadcast_parameters(model_or_params, root_rank=0, process_set=None):
     for name, array in _named_arrays(model_or_params):
         if not hasattr(array, "shape"):
             raise TypeError(f"broadcast_parameters: {name!r} is a {type(array).__name__}, not an array")
-        if array.ndim == 0 and not array.flags.writeable:
+        if array.ndim == 0 and not getattr(getattr(array, "flags", None), "writeable", True):
             raise ValueError(f"broadcast_parameters: {name!r} is read-only; make it a writeable array")
         collectives.broadcast_(array, root_rank, name=name, process_set=process_set)
 
 
-def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None):
+def _state_order(params, model):
+    """(name, parameter) in the order the state goes out: the model's, by name, when it is given
+    (then ranks whose optimizers list the parameters in different orders still match them up)."""
+    if model is None:
+        return [(str(i), p) for i, p in enumerate(params)]
+    owned = {id(p) for p in params}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in owned]
+    if len(named) != len(owned):
+        raise ValueError(f"broadcast_optimizer_state: {len(owned) - len(named)} of the optimizer's parameters "
+                         f"are not parameters of the model given; pass the model that owns them")
+    return named
+
+
+def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None, model=None):
     """Make every rank's optimizer state (moments included, even if not created yet) root's.
 
-    For a ShardedOptimizer only the hyperparameters are broadcast: its state is per-rank shards.
+    With ``model`` the state is matched by parameter name instead of position, and the names
+    are checked across ranks. For a ShardedOptimizer only the hyperparameters are broadcast:
+    its state is per-rank shards.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
     inner.init_state()  # lazily created state must exist everywhere before it is broadcast
@@ -52,9 +67,9 @@ def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None):
         group.update(hyper)
     if getattr(optimizer, "sharded", False):
         return  # each rank owns a different shard of the state: only the hyperparameters agree
-    for i, p in enumerate(p for g in inner.param_groups for p in g["params"]):
+    for pname, p in _state_order([p for g in inner.param_groups for p in g["params"]], model):
         for key, value in sorted(inner.state.get(p, {}).items()):
-            name = f"optimizer.state[{i}].{key}"
+            name = f"optimizer.state[{pname}].{key}"
             if hasattr(value, "shape") and value.ndim > 0:
                 collectives.broadcast_(value, root_rank, name=name, process_set=process_set)
             else:

@@ -8,6 +8,8 @@ import os
 import re
 from typing import NamedTuple
 
+import hostlist
+
 from ..errors import HostfileError
 
 __all__ = ["Host", "parse_host_list", "parse_hostfile", "read_hostfile", "read_pbs_nodefile",
@@ -117,68 +119,30 @@ def read_pbs_nodefile(path):
     return read_hostfile(path)
 
 
-def _split_top(text, sep=","):
-    """Split on ``sep`` outside brackets."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
-
-
-def _expand_range(body, where):
-    out = []
-    for part in body.split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
-        if not m:
-            raise HostfileError(f"{where}: range {part!r} in [{body}] is not 'N' or 'N-M'")
-        lo, hi = m.group(1), m.group(2) or m.group(1)
-        if int(hi) < int(lo):
-            raise HostfileError(f"{where}: range {part!r} in [{body}] runs backwards")
-        width = len(lo)  # node[01-10] keeps the zero padding of the lower bound
-        out.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
-    return out
-
-
 def expand_slurm_nodelist(text):
-    """'node[01-03,07],gpu5' -> ['node01', 'node02', 'node03', 'node07', 'gpu5'].
+    """'node[01-03,07],gpu-[1-2]' -> ['node01', 'node02', 'node03', 'node07', 'gpu-1', 'gpu-2'] (python-hostlist).
 
     Several bracket groups in one name ('rack[1-2]-n[1-2]') expand as a product.
     """
-    where = f"SLURM_JOB_NODELIST={text!r}"
-    if text.count("[") != text.count("]"):
-        raise HostfileError(f"{where} has unbalanced brackets; expected a list like 'node[01-03],gpu5'")
-    names = []
-    for item in _split_top(text.strip()):
-        item = item.strip()
-        if not item:
-            raise HostfileError(f"{where} has an empty entry; expected a list like 'node[01-03],gpu5'")
-        expanded = [""]
-        for text_part, body in re.findall(r"([^\[\]]*)(?:\[([^\[\]]*)\])?", item):
-            choices = _expand_range(body, where) if body else [""]
-            expanded = [e + text_part + c for e in expanded for c in choices]
-        for name in expanded:
-            if not _BARE.match(name):
-                raise HostfileError(f"{where}: {name!r} is not a host name")
-        names.extend(expanded)
+    try:
+        names = hostlist.expand_hostlist(text.strip(), allow_duplicates=True)
+    except hostlist.BadHostlist as exc:
+        raise HostfileError(f"SLURM_JOB_NODELIST={text!r} is not a Slurm node list ({exc}); expected a list "
+                            f"like 'node[01-03],gpu5'") from None
+    if not names:
+        raise HostfileError(f"SLURM_JOB_NODELIST={text!r} names no hosts; expected a list like 'node[01-03],gpu5'")
+    for name in names:
+        if not _BARE.match(name):
+            raise HostfileError(f"SLURM_JOB_NODELIST={text!r}: {name!r} is not a host name")
     return names
 
 
 def expand_slurm_tasks_per_node(text):
-    """'2(x3),1' -> [2, 2, 2, 1]."""
-    counts = []
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-        if not m:
-            raise HostfileError(f"SLURM_TASKS_PER_NODE={text!r}: {part!r} is not 'N' or 'N(xK)'")
-        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
-    return counts
+    """'2(x3),1' -> [2, 2, 2, 1] (python-hostlist)."""
+    try:
+        return hostlist.parse_slurm_tasks_per_node(text.strip())
+    except hostlist.BadHostlist:
+        raise HostfileError(f"SLURM_TASKS_PER_NODE={text!r} is not a list of 'N' or 'N(xK)'") from None
 
 
 def from_slurm(env):

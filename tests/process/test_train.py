@@ -85,3 +85,15 @@ def test_malformed_data_is_a_clear_error_on_every_rank(tmp_path):
     rc, out, seconds = run(python(*TRAIN, "--model", "mlp", "--data", bad), np=2, timeout=60)
     assert rc not in (0, None) and seconds < 30
     assert "bad.npz" in out and "'y'" in out, out[-2000:]
+
+
+def test_progress_bar_is_tqdm_on_rank_0_and_log_lines_otherwise(tmp_path):
+    rc, out, _ = run(python("scripts/train.py", "--progress", "bar", *SMALL, "--max-steps", "6",
+                            "--checkpoint-dir", tmp_path), np=2, timeout=180)
+    assert rc == 0, out[-3000:]
+    assert "| 6/" in out and "step/s, epoch 0 loss" in out, out[-3000:]  # tqdm's counter, rate and our postfix
+    assert "checkpoint " in out  # a line written above the bar
+    rc, out, _ = run(python("scripts/train.py", "--progress", "auto", *SMALL, "--max-steps", "6", "--log-every",
+                            "3"), np=2, timeout=180)  # not a terminal: plain lines, no bar
+    assert rc == 0, out[-3000:]
+    assert "step 3/" in out and "step 6/" not in out.split("step 3/")[0] and "step/s" not in out, out[-3000:]

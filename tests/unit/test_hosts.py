@@ -128,6 +128,8 @@ def test_pbs_nodefile_one_line_per_slot(tmp_path):
     ("n[008-010]", ["n008", "n009", "n010"]),
     ("a[1-2],b[3]", ["a1", "a2", "b3"]),
     ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ("n[01-03,07],gpu-[1-2]", ["n01", "n02", "n03", "n07", "gpu-1", "gpu-2"]),
+    ("cn[1-2,5-6]", ["cn1", "cn2", "cn5", "cn6"]),
 ])
 def test_slurm_nodelist(text, expected):
     assert hosts.expand_slurm_nodelist(text) == expected
@@ -135,9 +137,10 @@ def test_slurm_nodelist(text, expected):
 
 @pytest.mark.parametrize("text, fragment", [
     ("node[01-03", "unbalanced brackets"),
-    ("node[03-01]", "runs backwards"),
-    ("node[a-b]", "is not 'N' or 'N-M'"),
-    ("a,,b", "empty entry"),
+    ("node[03-01]", "not a Slurm node list"),
+    ("node[a-b]", "not a Slurm node list"),
+    (" ", "names no hosts"),
+    ("bad_name!", "is not a host name"),
 ])
 def test_slurm_nodelist_errors(text, fragment):
     with pytest.raises(HostfileError, match=fragment):
@@ -148,6 +151,11 @@ def test_slurm_nodelist_errors(text, fragment):
     ("2(x3),1", [2, 2, 2, 1]), ("4", [4]), ("1,2,3", [1, 2, 3]), ("8(x2)", [8, 8])])
 def test_slurm_tasks_per_node(text, expected):
     assert hosts.expand_slurm_tasks_per_node(text) == expected
+
+
+def test_slurm_tasks_per_node_error():
+    with pytest.raises(HostfileError, match="SLURM_TASKS_PER_NODE='2.x' is not"):
+        hosts.expand_slurm_tasks_per_node("2(x")
 
 
 def test_slurm_allocation():
