@@ -322,7 +322,7 @@ def _command(p, program, hostfile_path):
     argv = command.argv[:1] + ["-launcher", "ssh", "-launcher-exec", agent] + command.argv[1:]
     env = dict(command.env, **{_sim.ENV_JOB: job})
     if prefix is not None:
-        env["MPIDP_SIM_HOSTNAMES"] = "1"
+        env["MPIDP_SIM_NETNS"] = "1"
         argv = prefix + [sys.executable, "-m", "mpidp.launch._simhelper", "netns"] + (
             ["--rate", rate] if rate else []) + ["--"] + argv
     return _mpiexec.Command(argv, env, command.hostfile)
@@ -418,15 +418,45 @@ def _stop(proc, signum, grace):
             pass
 
 
-def run_bounded(argv, env=None, deadline=None, grace=GRACE_S):
+TAIL_BYTES = 16384  # of each output stream, kept to read mpiexec's last words about a failure
+
+
+def _forward(source, sink, tail):
+    """Copy ``source`` (a pipe) to ``sink`` as it comes, keeping its last TAIL_BYTES in ``tail``."""
+    while True:
+        try:
+            chunk = os.read(source.fileno(), 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        try:
+            sink.write(chunk)
+            sink.flush()
+        except (OSError, ValueError):
+            pass
+        tail[:] = (bytes(tail) + chunk)[-TAIL_BYTES:]
+    source.close()
+
+
+def run_bounded(argv, env=None, deadline=None, grace=GRACE_S, tails=None):
     """Run ``argv`` in its own session until it exits, ``deadline`` (time.monotonic) passes, or
     mpidprun gets SIGINT/SIGTERM/SIGHUP. Returns (exit code, why): why is 'exit', 'timeout' or
-    'signal'; a child killed by signal N gives 128+N, as a shell reports it."""
+    'signal'; a child killed by signal N gives 128+N, as a shell reports it. With ``tails`` (a
+    list) the job's stdout and stderr pass through here and end up, their last bytes, in it."""
     received = []
+    pipe = subprocess.PIPE if tails is not None else None
     try:
-        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=pipe, stderr=pipe)
     except OSError as exc:
         raise LaunchError(f"cannot start {argv[0]}: {exc.strerror}") from None
+    forwarders = []
+    if tails is not None:
+        tails[:] = [bytearray(), bytearray()]
+        for source, sink, tail in ((proc.stdout, sys.stdout.buffer, tails[0]),
+                                   (proc.stderr, sys.stderr.buffer, tails[1])):
+            forwarders.append(threading.Thread(target=_forward, args=(source, sink, tail), daemon=True))
+            forwarders[-1].start()
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers live there only
@@ -449,6 +479,36 @@ def run_bounded(argv, env=None, deadline=None, grace=GRACE_S):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        for thread in forwarders:  # a rank that outlived mpiexec may hold the pipe: wait briefly
+            thread.join(timeout=2.0)
+
+
+# What mpiexec prints when a process ends badly: Hydra names the host, Open MPI the rank and node.
+_HYDRA_FAILED = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*\n=\s*(?:EXIT CODE|KILLED BY SIGNAL): (\d+)")
+_OPENMPI_FAILED = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+)")
+
+
+def failed_host(p, text):
+    """'host 127.0.0.3 (simulated node 1: ranks 2,3) ...' from mpiexec's report of a failed
+    process in ``text``, or None when it names no host of the job."""
+    found = _HYDRA_FAILED.search(text)
+    if found:
+        pid, host, code = found.groups()
+        what = f"a process there (pid {pid}) ended with exit code {code}"
+    else:
+        found = _OPENMPI_FAILED.search(text)
+        if not found:
+            return None
+        rank, pid, host, code = found.groups()
+        what = f"rank {rank} (pid {pid}) ended by signal {code}"
+    where = _hosts.placement(p.hosts or [], p.np)
+    if host not in where:
+        return None
+    node = ""
+    if p.sim:
+        node = f"simulated node {[h.name for h in p.hosts].index(host)}: "
+    return (f"host {host} ({node}{_hosts.ranks_text(where[host])}) failed: {what}, "
+            f"and mpiexec ended the job")
 
 
 def run(p, timeout=None, restarts=0, verbose=False):
@@ -471,8 +531,13 @@ def run(p, timeout=None, restarts=0, verbose=False):
                     f.write(command.hostfile[1])
             if verbose:
                 _say(f"command: {_display(command)}")
+            tails = [] if p.hosts and p.launcher != "srun" else None
             code, why = run_bounded(command.argv, env=dict(os.environ, **command.env),
-                                    deadline=deadline, grace=GRACE_S)
+                                    deadline=deadline, grace=GRACE_S, tails=tails)
+            if code not in (0, 124) and why == "exit" and tails:
+                lost = failed_host(p, tails[0].decode("utf-8", "replace") + tails[1].decode("utf-8", "replace"))
+                if lost:
+                    _say(lost)
             if why == "timeout":
                 _say(f"error: job timed out after {timeout:g} s; killed it and all its ranks")
                 return 124

@@ -23,7 +23,8 @@ from typing import NamedTuple
 from ..errors import LaunchError
 
 __all__ = ["Layout", "parse_layout", "isolation", "shaping_available", "node_address",
-           "node_name", "RATE_PATTERN", "check_rate", "node_processes", "cut_link", "main"]
+           "node_name", "RATE_PATTERN", "check_rate", "node_processes", "listening_ports", "cut_link",
+           "main"]
 
 FIRST_OCTET = 2          # node i is 127.0.0.(2 + i); 127.0.0.1 stays the launcher's own address
 MAX_NODES = 250
@@ -188,7 +189,7 @@ def _node(argv):
     if job:  # node-local scratch, as a cluster node's own /tmp
         env["TMPDIR"] = os.path.join(job, node_name(index))
         os.makedirs(env["TMPDIR"], exist_ok=True)
-    if os.environ.get("MPIDP_SIM_HOSTNAMES") == "1":
+    if os.environ.get("MPIDP_SIM_NETNS") == "1":
         # in the job's UTS namespace: each node gets one of its own, with its own host name
         script = 'hostname "$0" && exec sh -c "$1"'
         os.execvpe(_tool("unshare"), [_tool("unshare"), "--uts", "--", "sh", "-c", script,
@@ -196,8 +197,9 @@ def _node(argv):
     os.execvpe("sh", ["sh", "-c", command], env)
 
 
-def node_processes(job, node):
-    """Pids of the processes of simulated node ``node`` in the job whose scratch folder is ``job``."""
+def node_processes(job, node, ranks_only=False):
+    """Pids of the processes of simulated node ``node`` in the job whose scratch folder is ``job``
+    (only its MPI ranks with ``ranks_only``: not the node's proxy)."""
     want = {f"{ENV_JOB}={job}".encode(), f"{ENV_NODE}={node}".encode()}
     pids = []
     for entry in os.listdir("/proc"):
@@ -208,13 +210,13 @@ def node_processes(job, node):
                 env = set(f.read().split(b"\0"))
         except OSError:
             continue
-        if want <= env:
+        is_rank = any(e.startswith((b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")) for e in env)
+        if want <= env and (is_rank or not ranks_only):
             pids.append(int(entry))
     return sorted(pids)
 
 
-def _tcp_ports(pids):
-    """{(local port, remote port)} of the established TCP connections the processes ``pids`` hold."""
+def _socket_inodes(pids):
     inodes = set()
     for pid in pids:
         try:
@@ -224,22 +226,37 @@ def _tcp_ports(pids):
                     inodes.add(target[8:-1])
         except OSError:
             continue
-    pairs = set()
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-            if inode in inodes and state == "01":  # ESTABLISHED
-                pairs.add((int(local.split(":")[1], 16), int(remote.split(":")[1], 16)))
-    return pairs
+    return inodes
+
+
+def listening_ports(pids, exclude=()):
+    """The TCP ports the processes ``pids`` listen on (from /proc: their sockets' inodes), without
+    sockets that the processes ``exclude`` hold too (Hydra's control port, inherited by all)."""
+    inodes = _socket_inodes(pids) - _socket_inodes(exclude)
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[9] in inodes and fields[3] == "0A":  # LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
 
 
 def cut_link(job, node_a, node_b, ip=None):
-    """Drop every packet between the ranks of nodes ``node_a`` and ``node_b`` (run it inside the
-    job's network namespace, e.g. from one of its ranks): a ``blackhole`` policy-routing rule per
-    direction of each TCP connection between them, ahead of the local table. Returns the number of
-    connections cut."""
+    """Drop every packet between the ranks of nodes ``node_a`` and ``node_b``, as a failed link
+    would: packets vanish, nothing reports an error. Every connection between two ranks has one
+    end at a rank's listening port, so a ``blackhole`` policy-routing rule for each listening port
+    of the two nodes' ranks (as source and as destination), ahead of the local table, cuts them
+    all, open or new; a third node loses its connections to these two as well. Runs only inside a
+    simulated job's own network namespace (from one of its ranks). Returns the ports cut."""
+    if os.environ.get("MPIDP_SIM_NETNS") != "1":
+        raise LaunchError("cut_link changes routing rules: it runs only inside a simulated job's own "
+                          "network namespace (mpidprun --simulate-nodes as root or with user namespaces)")
     ip = ip or _tool("ip")
     rules = subprocess.run([ip, "rule", "show"], capture_output=True, text=True, check=True).stdout
     if re.search(r"^0:\s+from all lookup local", rules, re.M):
@@ -247,14 +264,14 @@ def cut_link(job, node_a, node_b, ip=None):
         # first: move it behind the rules below (this namespace is the job's alone)
         subprocess.run([ip, "rule", "add", "pref", "1000", "lookup", "local"], check=True, capture_output=True)
         subprocess.run([ip, "rule", "del", "pref", "0"], check=True, capture_output=True)
-    ports_a = _tcp_ports(node_processes(job, node_a))
-    ports_b = {local for local, _ in _tcp_ports(node_processes(job, node_b))}
-    cut = [(local, remote) for local, remote in sorted(ports_a) if remote in ports_b]
-    for pref, (local, remote) in enumerate(cut, start=100):
-        for sport, dport in ((local, remote), (remote, local)):
-            subprocess.run([ip, "rule", "add", "pref", str(pref), "ipproto", "tcp", "sport", str(sport),
-                            "dport", str(dport), "blackhole"], check=True, capture_output=True)
-    return len(cut)
+    ranks = node_processes(job, node_a, True) + node_processes(job, node_b, True)
+    others = set(node_processes(job, node_a) + node_processes(job, node_b)) - set(ranks)
+    ports = listening_ports(ranks, exclude=others)
+    for port in ports:
+        for end in ("sport", "dport"):
+            subprocess.run([ip, "rule", "add", "pref", "100", "ipproto", "tcp", end, str(port), "blackhole"],
+                           check=True, capture_output=True)
+    return ports
 
 
 def main(argv=None):
@@ -265,7 +282,7 @@ def main(argv=None):
     if argv[:1] == ["node"]:
         return _node(argv[1:])
     if argv[:1] == ["cut"] and len(argv) == 4:
-        print(cut_link(argv[1], int(argv[2]), int(argv[3])))
+        print(" ".join(map(str, cut_link(argv[1], int(argv[2]), int(argv[3])))))
         return 0
     print("usage: python -m mpidp.launch._simhelper netns [--rate R] -- CMD... | node SSH-ARGS... | "
           "cut JOB NODE_A NODE_B", file=sys.stderr)
