@@ -156,6 +156,12 @@ CASES = [
 ]
 
 
+def netns_available():
+    """(True, '') where a simulated-cluster job gets its own network namespace; else (False, why)."""
+    from mpidp.launch import simcluster
+    return simcluster.shaping_available()
+
+
 def by_name(name):
     return next(c for c in CASES if c.name == name)
 
@@ -533,6 +539,8 @@ def _before_step(fault, s):
     if fault.kind not in ("sigkill", "sigterm", "node_kill", "link_cut") or s != fault.step:
         return
     if fault.kind == "node_kill":  # every rank of the failing rank's node, at once
+        if (fault.dir / f"fault.{fault.rank}").exists():
+            return  # once: a job restarted by mpidprun --restarts runs on
         node = os.environ.get("MPIDP_SIM_NODE")
         pids = [pid for n, pid in mpidp.allgather_object((node, os.getpid())) if n == node]
         if fault.me == fault.rank:

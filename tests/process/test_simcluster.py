@@ -3,14 +3,17 @@ scratch, core sharing, timeline and collectives on 2x2, 3x1, 1x3 and 2+1 layouts
 launcher's checks. Shaping needs root or user namespaces; tests that need it skip with the reason."""
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from mpidp.launch import simcluster
 
-from test_launcher import mpidprun
+from test_launcher import clean_env, mpidprun
 
 HERE = Path(__file__).resolve().parent
 JOB = HERE / "simcluster_job.py"
@@ -97,3 +100,36 @@ def test_layouts():
     layout = simcluster.parse_layout("2+1")
     assert layout.hosts() == [("127.0.0.2", 2), ("127.0.0.3", 1)] and layout.ranks_of(1) == [2]
     assert str(simcluster.parse_layout("3x1")) == "3x1" and str(layout) == "2+1"
+
+
+def test_node_lost_ends_the_job_names_the_host_and_restarts_from_the_checkpoint(tmp_path):
+    """Both ranks of node 1 SIGKILLed at step 3: within 10 s mpidprun names the host and its
+    ranks, then --restarts 1 resumes from the step-2 checkpoint and the job finishes."""
+    sys.path.insert(0, str(HERE))
+    import fault_cases as fc
+
+    env = dict(QUIET, FAULT="node_kill", FAULT_RANK="2", FAULT_STEP="3", FAULT_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "mpidp.run", "--simulate-nodes", "2x2", "--restarts", "1", "--timeout", "150",
+           *fc.driver_argv("train", "--dir", tmp_path, "--steps", 6, "--ckpt-every", 2)]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=clean_env(env), cwd=HERE.parents[1], start_new_session=True)
+    lines = []  # (arrival time, line)
+    try:
+        for line in proc.stdout:
+            lines.append((time.time(), line.rstrip("\n")))
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "\n".join(text for _, text in lines)
+    assert proc.returncode == 0, out[-4000:]
+    fault_at = float((tmp_path / "fault.2").read_text())
+    failed = [(t, text) for t, text in lines if text.startswith("mpidprun: host ")]
+    assert failed and failed[0][1].startswith(
+        "mpidprun: host 127.0.0.3 (simulated node 1: ranks 2,3) failed:"), out[-4000:]
+    assert failed[0][0] - fault_at < 10, f"the job ended {failed[0][0] - fault_at:.1f} s after the node was lost"
+    assert any("restart 1/1" in text for _, text in lines), out[-4000:]
+    assert "final: step 6" in out and "check_replicas: identical" in out
+    restart = next(i for i, (_, text) in enumerate(lines) if "restart 1/1" in text)
+    resumed = [text for _, text in lines[restart:] if text.startswith("step ")]
+    assert resumed and resumed[0].startswith("step 3 "), f"not resumed from the step-2 checkpoint: {resumed}"
