@@ -16,6 +16,7 @@ helpers below for the launch command; users start jobs with ``mpidprun``.
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from typing import NamedTuple
@@ -148,6 +149,17 @@ def _say(message):
     print(f"mpidprun: {message}", file=sys.stderr, flush=True)
 
 
+def _end_with_parent():
+    """SIGTERM this process (then mpiexec: it survives exec) should mpidprun die without stopping
+    it, e.g. SIGKILLed by a test's timeout: Hydra then ends the job instead of leaving it running."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _netns(argv):
     """Inside the job's new namespace: ``lo`` up, its rate limited, then exec the launch command."""
     rate = None
@@ -155,6 +167,7 @@ def _netns(argv):
         rate, argv = argv[1], argv[2:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
+    _end_with_parent()
     ip, tc = _tool("ip"), _tool("tc")
     out = subprocess.run([ip, "link", "set", "lo", "up"], capture_output=True, text=True)
     if out.returncode != 0:

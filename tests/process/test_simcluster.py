@@ -133,3 +133,18 @@ def test_node_lost_ends_the_job_names_the_host_and_restarts_from_the_checkpoint(
     restart = next(i for i, (_, text) in enumerate(lines) if "restart 1/1" in text)
     resumed = [text for _, text in lines[restart:] if text.startswith("step ")]
     assert resumed and resumed[0].startswith("step 3 "), f"not resumed from the step-2 checkpoint: {resumed}"
+
+
+def test_the_pytest_plugin_runs_a_file_on_simulated_clusters(tmp_path):
+    """pytest --mpidp-nodes 2x2,2+1: one item per layout, the report names the failing ranks."""
+    from test_plugin import pytest_job
+
+    rc, out, seconds = pytest_job(tmp_path, "cluster", "--mpidp-nodes", "2x2,2+1", "--mpidp-link-rate", "2gbit",
+                                  timeout=180)
+    assert rc == 1, out
+    assert ("FAILED test_case.py::[mpi nodes=2x2] - nodes=2x2: 1 of 2 tests failed: test_fails_on_node_1"
+            in out), out
+    assert "FAILED test_case.py::[mpi nodes=2+1] - nodes=2+1: 1 of 2 tests failed: test_fails_on_node_1" in out
+    assert "failed on ranks 2,3 of 4" in out and "failed on rank 2 of 3" in out
+    assert "planted failure on simulated node 1" in out
+    assert (tmp_path / ".mpidp-pytest" / "nodes2p1" / "rank-2.log").exists()
