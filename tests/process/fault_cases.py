@@ -50,7 +50,7 @@ class Case:
     mutate: str = ""           # "corrupt" | "truncate": damage the newest seed checkpoint
     job: str = "train"         # "train" (the driver) or "mpidp-train" (python -m mpidp.train)
     every_rank: bool = False   # the message must come from every rank
-    reporter: object = None    # who prints it: None = the failing rank, a rank, "any" or "mpiexec"
+    reporter: object = None    # who prints it: None = the failing rank, a rank, "any", "mpiexec" or "mpidprun"
     good_step: object = None   # this checkpoint must load after the job (None: no checkpoint involved)
     bound_s: float = 10.0      # seconds from the fault to the end of the job
     timeout: float = 40.0
@@ -144,15 +144,15 @@ CASES = [
          note="every rank reads the file; the first to miss it ends the job"),
     # issue 18: a cluster of simulated nodes (mpidprun --simulate-nodes, see docs/cluster.md)
     Case("node_lost", "a whole node lost: both ranks of node 1 SIGKILLed, simulated 2x2", "node_kill",
-         layout="2x2", np=4, rank=2, rc="nonzero", reporter="mpiexec", good_step=2,
+         layout="2x2", np=4, rank=2, rc="nonzero", reporter="mpidprun", good_step=2,
          message=r"mpidprun: host 127\.0\.0\.3 \(simulated node 1: ranks 2,3\) failed",
          note="`mpidprun --restarts 1` then restarts from the last checkpoint (test_simcluster.py)"),
     Case("link_cut", "link between the two nodes cut (TCP blackholed), simulated 2x2", "link_cut",
          layout="2x2", np=4, rank=0, rc="nonzero", reporter="any", good_step=2, needs_netns=True,
          bound_s=12, env={"MPIDP_STALL_WARNING_S": "1", "MPIDP_STALL_ABORT_S": "3"},
          message=r"\[rank [01]\] stall: waiting \d+ s in .*; ranks not in it: 2 .*3 .*aborting",
-         note="MPIDP_STALL_WARNING_S=1, MPIDP_STALL_ABORT_S=3: each side names the other node's ranks "
-              "as not answering"),
+         note="MPIDP_STALL_WARNING_S=1, MPIDP_STALL_ABORT_S=3: each side names the other node's ranks; "
+              "MPI_Abort waits behind the blocked MPI call, so SIGALRM ends each rank 3 s later (exit 14)"),
 ]
 
 
@@ -185,6 +185,8 @@ class Result:
             return "-"
         if case.reporter == "mpiexec":
             return f"mpiexec (rank {case.rank} died)"
+        if case.reporter == "mpidprun":
+            return "mpidprun"
         if case.every_rank and self.ranks == list(range(case.np)):
             return f"every rank (0-{case.np - 1})"
         return ", ".join(map(str, self.ranks)) or "?"

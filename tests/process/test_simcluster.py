@@ -15,6 +15,8 @@ from mpidp.launch import simcluster
 
 from test_launcher import clean_env, mpidprun
 
+pytestmark = pytest.mark.spawns
+
 HERE = Path(__file__).resolve().parent
 JOB = HERE / "simcluster_job.py"
 SHAPING, NO_SHAPING_WHY = simcluster.shaping_available()
