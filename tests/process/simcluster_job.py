@@ -20,6 +20,11 @@ seen = {"rank": rank, "size": size, "local_rank": mpidp.local_rank(), "local_siz
         "cross_rank": mpidp.cross_rank(), "cross_size": mpidp.cross_size(), "device": runtime.device(),
         "hostname": socket.gethostname(), "tmpdir": os.environ.get("TMPDIR"),
         "threads": os.environ.get("OMP_NUM_THREADS"), "node": os.environ.get("MPIDP_SIM_NODE")}
+try:  # GPUs this rank can see: binding by local rank is checked for real where there are some
+    import cupy
+    seen["gpus"] = cupy.cuda.runtime.getDeviceCount() if cupy.is_available() else 0
+except ImportError:
+    seen["gpus"] = 0
 
 # node-local scratch: local rank 0 writes, its node's ranks read; other nodes' files are not there
 with timeline.span("scratch", "io"):

@@ -49,7 +49,7 @@ def test_topology_scratch_timeline_and_collectives(tmp_path, layout, ranks):
         assert got == (r, sum(ranks), local, lsize, cross, csize), f"rank {r} of {layout}: {s}"
         assert s["node"] == str(node)
         assert s["failures"] == [], f"rank {r} of {layout}: {s['failures']}"
-        assert s["device"] is None  # no GPU here: nothing bound
+        assert s["device"] == (local % s["gpus"] if s["gpus"] else None)  # bound by local rank
         assert s["threads"] == str(max(1, cores // sum(ranks)))  # all nodes share this machine's cores
         first = r - local  # the node's local rank 0 wrote its scratch file
         assert s["scratch"] == f"written by rank {first}"
