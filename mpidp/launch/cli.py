@@ -531,10 +531,11 @@ def run(p, timeout=None, restarts=0, verbose=False):
                     f.write(command.hostfile[1])
             if verbose:
                 _say(f"command: {_display(command)}")
-            tails = [] if p.hosts and p.launcher != "srun" else None
+            teeable = all(hasattr(stream, "buffer") for stream in (sys.stdout, sys.stderr))
+            tails = [] if p.hosts and p.launcher != "srun" and teeable else None
             code, why = run_bounded(command.argv, env=dict(os.environ, **command.env),
                                     deadline=deadline, grace=GRACE_S, tails=tails)
-            if code not in (0, 124) and why == "exit" and tails:
+            if code != 0 and why == "exit" and tails:
                 lost = failed_host(p, tails[0].decode("utf-8", "replace") + tails[1].decode("utf-8", "replace"))
                 if lost:
                     _say(lost)
