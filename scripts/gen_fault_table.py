@@ -73,7 +73,9 @@ def render(rows, elapsed):
         "Every case is a real `mpiexec` job of a small training loop (`tests/process/fault_cases.py`: "
         "an MLP, the DistributedOptimizer, the data loader, a checkpoint every 2 steps) with one "
         "fault injected from user code at step 3 unless stated; `tests/process/test_faults.py` "
-        "asserts every row. Columns:",
+        "asserts every row. The last cases run the same loop on simulated nodes (`mpidprun "
+        "--simulate-nodes 2x2 --link-rate 2gbit`, [cluster.md](cluster.md#a-simulated-cluster-on-one-machine)). "
+        "Columns:",
         "",
         "- **message**: the key line in the job's output (paths shortened to the job's directory);",
         "- **rank**: which ranks print it (*every rank* for errors decided collectively; *mpiexec* "
@@ -116,6 +118,9 @@ def main(argv=None):
         seed = fc.seed_checkpoints(Path(tmp) / "seed", run)
         for case in cases:
             workdir = Path(tmp) / case.name
+            if case.needs_netns and not fc.netns_available()[0]:
+                print(f"{case.name:32s} skipped: {fc.netns_available()[1]}", flush=True)
+                continue
             r = fc.run_case(case, workdir, seed, run)
             wrong = fc.problems(case, r)
             failed += bool(wrong) and not case.xfail

@@ -1,4 +1,5 @@
 """End the whole job when one rank fails, instead of leaving the others hanging in a collective."""
+import signal
 import sys
 import threading
 import traceback
@@ -6,10 +7,24 @@ import traceback
 _installed = False
 
 
+# MPI_Abort takes MPICH's lock, which another thread may hold for ever inside a blocking call to
+# a peer that cannot answer (a cut link); the aborting thread then spins holding the GIL, so no
+# Python timer can run. A SIGALRM left at its default action ends the process in the kernel, and
+# mpiexec, seeing a rank gone, ends the job.
+ABORT_GRACE_S = 3.0
+
+
+def abort(comm, code):
+    """MPI_Abort ``comm`` with ``code``; should that hang, SIGALRM ends this process after ABORT_GRACE_S."""
+    if signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):  # a program's own handler stays
+        signal.setitimer(signal.ITIMER_REAL, ABORT_GRACE_S)
+    comm.Abort(code)
+
+
 def _abort(comm, code):
     from mpi4py import MPI
     if MPI.Is_initialized() and not MPI.Is_finalized():
-        comm.Abort(code)
+        abort(comm, code)
 
 
 def _report(comm, exc_type, exc, tb, where):

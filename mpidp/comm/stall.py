@@ -14,6 +14,7 @@ import numpy
 from mpi4py import MPI
 
 from .. import _env
+from . import _abort
 
 _QUERY, _REPLY = 1, 2
 _POLL_S = 0.2
@@ -120,7 +121,7 @@ def _run(comm, warn_s, abort_s):
         if level_abort:
             sys.stderr.write(message + f"; aborting after MPIDP_STALL_ABORT_S={abort_s:g}\n")
             sys.stderr.flush()
-            comm.Abort(1)
+            _abort.abort(comm, 1)
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
     answers.close()

@@ -17,6 +17,7 @@ from .._version import __version__
 from ..errors import LaunchError
 from . import hosts as _hosts
 from . import mpiexec as _mpiexec
+from . import simcluster as _sim
 
 __all__ = ["main", "build_parser", "plan", "Plan", "latest_checkpoint_step", "with_resume"]
 
@@ -41,6 +42,8 @@ examples:
   mpidprun -np 8 --restarts 3 python scripts/train.py --checkpoint-dir ckpt
                                on failure relaunch with --resume, up to 3 times
   sbatch scripts/slurm/train.sbatch                        the same job under Slurm
+  mpidprun --simulate-nodes 2x2 --link-rate 2gbit python train.py
+                               2 simulated nodes of 2 ranks on this machine (docs/cluster.md)
 
 hosts:
   -H and --hostfile read 'host:slots' (MPICH/Hydra), 'host slots=N' (Open MPI)
@@ -79,6 +82,13 @@ def build_parser():
                        help="comma-separated hosts with slots, e.g. node1:4,node2:4")
     where.add_argument("--hostfile", metavar="FILE",
                        help="file of 'host:slots' or 'host slots=N' lines (see hostfiles/)")
+    where.add_argument("--simulate-nodes", metavar="LAYOUT",
+                       help="run the job as several nodes on this machine: 2x2 (2 nodes of 2 ranks), "
+                            "2+1 or 2,1 (ranks per node), or K with -np; inter-node traffic goes over "
+                            "TCP on 127.0.0.x in the job's own network namespace")
+    p.add_argument("--link-rate", metavar="RATE",
+                   help="with --simulate-nodes: limit the link between the nodes, e.g. 2gbit or 100mbit "
+                        "(tc token bucket; needs root or user namespaces, else runs unshaped)")
     p.add_argument("-x", dest="env", action="append", default=[], metavar="VAR[=VALUE]",
                    help="forward VAR (its value here, or VALUE) to every rank; repeatable")
     p.add_argument("--oversubscribe", action="store_true",
@@ -112,6 +122,7 @@ class Plan(NamedTuple):
     srun_pmi: str
     oversubscribe: bool
     notes: list            # what --verbose prints
+    sim: tuple = None      # (Layout, link rate or None, unshare prefix or None) for --simulate-nodes
 
 
 def _resolve_program(program):
@@ -152,6 +163,9 @@ def _hosts_of(args, environ):
         return "-H", _hosts.parse_host_list(args.hosts)
     if args.hostfile is not None:
         return "--hostfile", _hosts.read_hostfile(args.hostfile)
+    if args.simulate_nodes is not None:
+        layout = _sim.parse_layout(args.simulate_nodes, args.np)
+        return "--simulate-nodes", [_hosts.Host(name, n) for name, n in layout.hosts()]
     source, hosts = _hosts.from_environment(environ)
     return source or "local", hosts
 
@@ -224,6 +238,9 @@ def plan(args, environ=None):
         raise LaunchError(f"--restarts {args.restarts}: must be 0 or more")
     if args.timeout is not None and args.timeout <= 0:
         raise LaunchError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
+    if args.link_rate is not None and args.simulate_nodes is None:
+        raise LaunchError(f"--link-rate {args.link_rate} shapes the link between simulated nodes; "
+                          f"give --simulate-nodes too")
     env = _forwarded_env(args.env, environ)
     source, hosts = _hosts_of(args, environ)
     np = _ranks(args, source, hosts, environ)
@@ -235,7 +252,10 @@ def plan(args, environ=None):
         notes.append(f"mpi4py of {info.python} loads {info.version or 'an unknown MPI'}"
                      + (f" from {info.libdirs[0]}" if info.libdirs else ""))
     launcher = _launcher(args, source, info, environ, notes)
-    if not hosts:
+    sim = None
+    if args.simulate_nodes is not None:
+        sim = _simulated(args, launcher, np, env, environ, notes)
+    if not hosts or sim:  # simulated nodes share this machine's cores too
         _share_cores(env, environ, np, notes)
 
     srun_pmi = ""
@@ -256,14 +276,56 @@ def plan(args, environ=None):
     notes.append(f"launcher {launcher}: {exe}")
     notes.append(f"hosts from {source}: {_hosts.format_host_list(hosts)}" if hosts
                  else "hosts: this machine")
-    return Plan(launcher, exe, np, hosts, source, env, program, srun_pmi, args.oversubscribe, notes)
+    return Plan(launcher, exe, np, hosts, source, env, program, srun_pmi, args.oversubscribe, notes, sim)
+
+
+def _simulated(args, launcher, np, env, environ, notes):
+    """(layout, rate, unshare prefix) of --simulate-nodes; MPICH is told to cross nodes over TCP."""
+    layout = _sim.parse_layout(args.simulate_nodes, np)
+    rate = _sim.check_rate(args.link_rate) if args.link_rate else None
+    if launcher != "mpich":
+        raise LaunchError(f"--simulate-nodes needs MPICH's Hydra (mpi4py here uses "
+                          f"{_mpiexec.NAMES.get(launcher, launcher)}); see docs/cluster.md for Open MPI")
+    for key, value in _sim.MPICH_TCP_ENV.items():
+        env.setdefault(key, environ.get(key, value))
+    prefix, why = _sim.isolation()
+    where = "; ".join(f"node {i} at {addr} ({n} rank{'s' * (n > 1)})"
+                      for i, (addr, n) in enumerate(layout.hosts()))
+    notes.append(f"simulated cluster {layout}: {where}")
+    if prefix is None:
+        notes.append(f"warning: simulated nodes without their own network namespace ({why}): "
+                     f"they talk over this machine's loopback"
+                     + (f", and --link-rate {rate} is not applied" if rate else "")
+                     + ", with one host name")
+    elif rate:
+        notes.append(f"inter-node link limited to {rate} (tc tbf on the namespace's lo)")
+    return layout, rate, prefix
+
+
+def _agent_script(path):
+    """Write the executable Hydra runs instead of ssh: it runs the node's command here."""
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m mpidp.launch._simhelper node \"$@\"\n")
+    os.chmod(path, 0o755)
 
 
 def _command(p, program, hostfile_path):
-    return _mpiexec.build_command(p.launcher, p.np, program, hosts=p.hosts, env=p.env,
-                                  oversubscribe=p.oversubscribe,
-                                  mpiexec=p.mpiexec, hostfile_path=hostfile_path,
-                                  srun_pmi=p.srun_pmi)
+    command = _mpiexec.build_command(p.launcher, p.np, program, hosts=p.hosts, env=p.env,
+                                     oversubscribe=p.oversubscribe,
+                                     mpiexec=p.mpiexec, hostfile_path=hostfile_path,
+                                     srun_pmi=p.srun_pmi)
+    if p.sim is None:
+        return command
+    layout, rate, prefix = p.sim
+    job = os.path.dirname(hostfile_path)
+    agent = os.path.join(job, "simnode")
+    argv = command.argv[:1] + ["-launcher", "ssh", "-launcher-exec", agent] + command.argv[1:]
+    env = dict(command.env, **{_sim.ENV_JOB: job})
+    if prefix is not None:
+        env["MPIDP_SIM_NETNS"] = "1"
+        argv = prefix + [sys.executable, "-m", "mpidp.launch._simhelper", "netns"] + (
+            ["--rate", rate] if rate else []) + ["--"] + argv
+    return _mpiexec.Command(argv, env, command.hostfile)
 
 
 def latest_checkpoint_step(program):
@@ -356,15 +418,45 @@ def _stop(proc, signum, grace):
             pass
 
 
-def run_bounded(argv, env=None, deadline=None, grace=GRACE_S):
+TAIL_BYTES = 16384  # of each output stream, kept to read mpiexec's last words about a failure
+
+
+def _forward(source, sink, tail):
+    """Copy ``source`` (a pipe) to ``sink`` as it comes, keeping its last TAIL_BYTES in ``tail``."""
+    while True:
+        try:
+            chunk = os.read(source.fileno(), 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        try:
+            sink.write(chunk)
+            sink.flush()
+        except (OSError, ValueError):
+            pass
+        tail[:] = (bytes(tail) + chunk)[-TAIL_BYTES:]
+    source.close()
+
+
+def run_bounded(argv, env=None, deadline=None, grace=GRACE_S, tails=None):
     """Run ``argv`` in its own session until it exits, ``deadline`` (time.monotonic) passes, or
     mpidprun gets SIGINT/SIGTERM/SIGHUP. Returns (exit code, why): why is 'exit', 'timeout' or
-    'signal'; a child killed by signal N gives 128+N, as a shell reports it."""
+    'signal'; a child killed by signal N gives 128+N, as a shell reports it. With ``tails`` (a
+    list) the job's stdout and stderr pass through here and end up, their last bytes, in it."""
     received = []
+    pipe = subprocess.PIPE if tails is not None else None
     try:
-        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=pipe, stderr=pipe)
     except OSError as exc:
         raise LaunchError(f"cannot start {argv[0]}: {exc.strerror}") from None
+    forwarders = []
+    if tails is not None:
+        tails[:] = [bytearray(), bytearray()]
+        for source, sink, tail in ((proc.stdout, sys.stdout.buffer, tails[0]),
+                                   (proc.stderr, sys.stderr.buffer, tails[1])):
+            forwarders.append(threading.Thread(target=_forward, args=(source, sink, tail), daemon=True))
+            forwarders[-1].start()
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers live there only
@@ -387,6 +479,36 @@ def run_bounded(argv, env=None, deadline=None, grace=GRACE_S):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        for thread in forwarders:  # a rank that outlived mpiexec may hold the pipe: wait briefly
+            thread.join(timeout=2.0)
+
+
+# What mpiexec prints when a process ends badly: Hydra names the host, Open MPI the rank and node.
+_HYDRA_FAILED = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*\n=\s*(?:EXIT CODE|KILLED BY SIGNAL): (\d+)")
+_OPENMPI_FAILED = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+)")
+
+
+def failed_host(p, text):
+    """'host 127.0.0.3 (simulated node 1: ranks 2,3) ...' from mpiexec's report of a failed
+    process in ``text``, or None when it names no host of the job."""
+    found = _HYDRA_FAILED.search(text)
+    if found:
+        pid, host, code = found.groups()
+        what = f"a process there (pid {pid}) ended with exit code {code}"
+    else:
+        found = _OPENMPI_FAILED.search(text)
+        if not found:
+            return None
+        rank, pid, host, code = found.groups()
+        what = f"rank {rank} (pid {pid}) ended by signal {code}"
+    where = _hosts.placement(p.hosts or [], p.np)
+    if host not in where:
+        return None
+    node = ""
+    if p.sim:
+        node = f"simulated node {[h.name for h in p.hosts].index(host)}: "
+    return (f"host {host} ({node}{_hosts.ranks_text(where[host])}) failed: {what}, "
+            f"and mpiexec ended the job")
 
 
 def run(p, timeout=None, restarts=0, verbose=False):
@@ -402,13 +524,21 @@ def run(p, timeout=None, restarts=0, verbose=False):
                      + ("the start" if step is None else f"step {step}"))
                 program = with_resume(program)
             command = _command(p, program, os.path.join(tmpdir, "hostfile"))
+            if p.sim:
+                _agent_script(os.path.join(tmpdir, "simnode"))
             if command.hostfile:
                 with open(command.hostfile[0], "w") as f:
                     f.write(command.hostfile[1])
             if verbose:
                 _say(f"command: {_display(command)}")
+            teeable = all(hasattr(stream, "buffer") for stream in (sys.stdout, sys.stderr))
+            tails = [] if p.hosts and p.launcher != "srun" and teeable else None
             code, why = run_bounded(command.argv, env=dict(os.environ, **command.env),
-                                    deadline=deadline, grace=GRACE_S)
+                                    deadline=deadline, grace=GRACE_S, tails=tails)
+            if code != 0 and why == "exit" and tails:
+                lost = failed_host(p, tails[0].decode("utf-8", "replace") + tails[1].decode("utf-8", "replace"))
+                if lost:
+                    _say(lost)
             if why == "timeout":
                 _say(f"error: job timed out after {timeout:g} s; killed it and all its ranks")
                 return 124

@@ -14,7 +14,7 @@ from ..errors import HostfileError
 
 __all__ = ["Host", "parse_host_list", "parse_hostfile", "read_hostfile", "read_pbs_nodefile",
            "expand_slurm_nodelist", "expand_slurm_tasks_per_node", "from_slurm", "from_environment",
-           "merge", "total_slots", "format_host_list", "format_hostfile"]
+           "merge", "total_slots", "format_host_list", "format_hostfile", "placement", "ranks_text"]
 
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?"
 _BARE = re.compile(rf"^({_NAME})$")
@@ -168,6 +168,28 @@ def from_environment(env=None):
     if env.get("PBS_NODEFILE"):
         return "pbs", read_pbs_nodefile(env["PBS_NODEFILE"])
     return None, None
+
+
+def placement(hosts, np):
+    """{host name: [ranks]} as mpiexec places ``np`` ranks by slot: each host's slots in turn, in
+    host order, around again when ranks outnumber slots (Hydra's and Open MPI's default)."""
+    out = {h.name: [] for h in hosts}
+    rank = 0
+    while rank < np and hosts:
+        for h in hosts:
+            take = min(h.slots, np - rank)
+            out[h.name] += range(rank, rank + take)
+            rank += take
+    return out
+
+
+def ranks_text(ranks):
+    """'rank 2', 'ranks 2,3' or 'ranks 4-7'."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ",".join(map(str, ranks))
 
 
 def format_host_list(hosts):

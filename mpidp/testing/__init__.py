@@ -10,7 +10,8 @@ is set); it turns nothing on.
 In MPI mode (``_session.py``) every rank agrees on each test's outcome, rank 0 prints the one
 report, ranks > 0 write theirs to ``.mpidp-pytest/rank-<r>.log`` and a rank that hangs or
 dies ends the job. ``--mpidp-np 2,4`` (``_launcher.py``) runs the tests marked ``mpi``
-under ``mpiexec -n 2`` and ``-n 4`` from a plain ``pytest``.
+under ``mpiexec -n 2`` and ``-n 4`` from a plain ``pytest``; ``--mpidp-nodes 2x2,2+1`` runs them
+on simulated clusters of those layouts (``mpidprun --simulate-nodes``, docs/cluster.md).
 
 Always available, in any mode: the ``mpi(min_size=k, timeout=s)`` marker (skips with the
 reason below ``k`` ranks) and the fixtures ``comm``, ``rank``, ``size`` and ``process_set``,
@@ -47,6 +48,11 @@ def pytest_addoption(parser):
     group.addoption("--mpidp-np", default=None, metavar="N[,N...]",
                     help="without mpirun: also run the tests marked mpi under mpiexec -n N, "
                          "once for each N, as items 'file.py::[mpi np=N]'")
+    group.addoption("--mpidp-nodes", default=None, metavar="LAYOUT[,LAYOUT...]",
+                    help="without mpirun: also run the tests marked mpi on simulated clusters, e.g. "
+                         "2x2,3x1,2+1 (mpidprun --simulate-nodes), as items 'file.py::[mpi nodes=2x2]'")
+    group.addoption("--mpidp-link-rate", default=None, metavar="RATE",
+                    help="--mpidp-nodes: limit the simulated nodes' link, e.g. 2gbit (mpidprun --link-rate)")
     group.addoption("--mpidp-launch-timeout", type=float, default=None, metavar="SECONDS",
                     help=f"--mpidp-np: seconds one mpiexec run may take before its process group is "
                          f"killed (default {DEFAULT_LAUNCH_TIMEOUT_S:g})")
@@ -103,15 +109,15 @@ def _timeout(config):
 @pytest.hookimpl(trylast=True)  # after the terminal reporter exists: ranks > 0 replace it
 def pytest_configure(config):
     config.addinivalue_line("markers", _MARKER)
-    np_list = config.getoption("mpidp_np")
-    if np_list:
+    np_list, layouts = config.getoption("mpidp_np"), config.getoption("mpidp_nodes")
+    if np_list or layouts:
         if launched_by_mpiexec():
-            raise pytest.UsageError("--mpidp-np starts mpiexec itself; run pytest without mpirun, "
-                                    "or use --mpidp under mpirun")
+            raise pytest.UsageError("--mpidp-np and --mpidp-nodes start MPI jobs themselves; run pytest "
+                                    "without mpirun, or use --mpidp under mpirun")
         from ._launcher import Launcher
 
-        config.pluginmanager.register(Launcher(config, np_list, _timeout(config), _log_dir(config)),
-                                      "mpidp-launcher")
+        config.pluginmanager.register(Launcher(config, np_list, _timeout(config), _log_dir(config), layouts,
+                                               config.getoption("mpidp_link_rate")), "mpidp-launcher")
     if mpi_mode_requested(config):
         from ._session import MpiSession
 

@@ -1,9 +1,11 @@
-"""``pytest --mpidp-np 2,4``: run the tests marked ``mpi`` under ``mpiexec -n 2`` and ``-n 4``.
+"""``pytest --mpidp-np 2,4``: run the tests marked ``mpi`` under ``mpiexec -n 2`` and ``-n 4``;
+``pytest --mpidp-nodes 2x2,2+1``: on simulated clusters of those layouts (``mpidprun --simulate-nodes``).
 
-One ``mpiexec -n N python -m pytest --mpidp <same paths> -m mpi`` per size, started by the first
-item of that size; rank 0 of the child writes ``results.jsonl`` in the size's log folder, and
-each item ``file.py::[mpi np=N]`` reports that file's tests from it. The parent never imports
-mpi4py.
+One ``mpiexec -n N python -m pytest --mpidp <same paths> -m mpi`` per size (or one
+``mpidprun --simulate-nodes L ...`` per layout), started by the first item of that job; rank 0
+of the child writes ``results.jsonl`` in the job's log folder, and each item
+``file.py::[mpi np=N]`` (``[mpi nodes=L]``) reports that file's tests from it. The parent never
+imports mpi4py.
 """
 import json
 import os
@@ -13,11 +15,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from . import DEFAULT_LAUNCH_TIMEOUT_S
 from ._report import ranks_word
+
+
+class Job(NamedTuple):
+    """One child job: 'np=2' under mpiexec, or 'nodes=2x2' on a simulated cluster."""
+    label: str
+    np: int
+    layout: str = ""     # --simulate-nodes layout; '' for plain mpiexec
 
 OUTPUT_TAIL_LINES = 60
 LOG_TAIL_LINES = 25
@@ -59,6 +69,21 @@ def find_mpiexec(explicit=None):
     return found
 
 
+def parse_layouts(text):
+    """'2x2,3x1,2+1' -> [Job('nodes=2x2', 4, '2x2'), ...] (uneven layouts take '+', not ',')."""
+    from ..errors import LaunchError
+    from ..launch.simcluster import parse_layout
+
+    jobs = []
+    for part in str(text).split(","):
+        try:
+            layout = parse_layout(part.strip())
+        except LaunchError as exc:
+            raise pytest.UsageError(f"--mpidp-nodes {text!r}: {exc}; write e.g. --mpidp-nodes 2x2,3x1,2+1") from None
+        jobs.append(Job(f"nodes={layout}", layout.np, str(layout)))
+    return list(dict.fromkeys(jobs))
+
+
 def parse_sizes(text):
     """'2,4' -> [2, 4]."""
     try:
@@ -78,8 +103,8 @@ class MpiRunFailed(Exception):
 class Run:
     """One finished ``mpiexec`` child: exit code, seconds, output and rank 0's results events."""
 
-    def __init__(self, np, command, returncode, seconds, output, killed, logdir):
-        self.np, self.command, self.returncode, self.seconds = np, command, returncode, seconds
+    def __init__(self, job, command, returncode, seconds, output, killed, logdir):
+        self.job, self.np, self.command, self.returncode, self.seconds = job, job.np, command, returncode, seconds
         self.output, self.killed, self.logdir = output, killed, logdir
         self.events = []
         path = logdir / "results.jsonl"
@@ -95,7 +120,8 @@ class Run:
         self.current = starts[-1] if starts and starts[-1] not in self.results else None
 
     def header(self):
-        return (f"mpiexec -n {self.np} ... pytest --mpidp: exit code {self.returncode} "
+        start = f"mpidprun --simulate-nodes {self.job.layout}" if self.job.layout else f"mpiexec -n {self.np}"
+        return (f"{start} ... pytest --mpidp: exit code {self.returncode} "
                 f"after {self.seconds:.1f} s")
 
     def why_it_ended(self):
@@ -130,12 +156,12 @@ class Run:
 class MpiRun(pytest.Item):
     """``file.py::[mpi np=N]``: that file's ``mpi`` tests as run by the child job of size N."""
 
-    def __init__(self, *, launcher, np, expected, **kwargs):
+    def __init__(self, *, launcher, job, expected, **kwargs):
         super().__init__(**kwargs)
-        self.launcher, self.np, self.expected = launcher, np, expected
+        self.launcher, self.job, self.expected = launcher, job, expected
 
     def runtest(self):
-        run = self.launcher.run(self.np)
+        run = self.launcher.run(self.job)
         outcome, text = judge(run, self.parent.nodeid, self.expected)
         if outcome == "skipped":
             pytest.skip(text)
@@ -163,9 +189,9 @@ def judge(run, module_id, expected):
     prefix = module_id + "::"
     mine = [run.results[nodeid] for nodeid in run.results if nodeid.startswith(prefix)]
     failed = [e for e in mine if e["outcome"] in ("failed", "error")]
-    np = run.np
+    label = run.job.label
     if failed:
-        first = f"np={np}: {len(failed)} of {len(mine)} tests failed: " + ", ".join(
+        first = f"{label}: {len(failed)} of {len(mine)} tests failed: " + ", ".join(
             e["nodeid"][len(prefix):] for e in failed)
         text = "\n".join([first, run.header(), _failures_text(failed)])
         if run.final is None:
@@ -173,31 +199,33 @@ def judge(run, module_id, expected):
         return "failed", text
     if run.final is None:
         if run.current is not None and run.current.startswith(prefix):
-            return "failed", "\n".join([f"np={np}: the job ended during {run.current}", run.header(),
+            return "failed", "\n".join([f"{label}: the job ended during {run.current}", run.header(),
                                         run.why_it_ended(), run.tails()])
         if not set(expected) <= set(run.results):
             where = run.current or "start-up or collection"
-            return "failed", "\n".join([f"np={np}: not run, the job ended earlier, during {where}",
+            return "failed", "\n".join([f"{label}: not run, the job ended earlier, during {where}",
                                         run.header(), run.why_it_ended(), run.tails()])
     elif not mine and run.final["exitstatus"] not in (0, 5):
-        return "failed", "\n".join([f"np={np}: the job ended with exit status {run.final['exitstatus']} "
+        return "failed", "\n".join([f"{label}: the job ended with exit status {run.final['exitstatus']} "
                                     "before running this file's tests", run.header(), run.tails()])
     if not mine:
-        return "skipped", f"np={np}: none of this file's mpi tests were selected in the child job"
+        return "skipped", f"{label}: none of this file's mpi tests were selected in the child job"
     if all(e["outcome"] in ("skipped", "xfailed") for e in mine):
         reasons = sorted({e["reason"] for e in mine})
-        return "skipped", f"np={np}: all {len(mine)} tests skipped: " + "; ".join(reasons)
+        return "skipped", f"{label}: all {len(mine)} tests skipped: " + "; ".join(reasons)
     return "passed", ""
 
 
 class Launcher:
     """The plugin object registered for ``--mpidp-np``: adds the items and runs the child jobs."""
 
-    def __init__(self, config, sizes, timeout, logdir):
+    def __init__(self, config, sizes, timeout, logdir, layouts=None, link_rate=None):
         self.config, self.timeout, self.logdir = config, timeout, logdir
-        self.sizes = parse_sizes(sizes)
+        self.jobs = [Job(f"np={n}", n) for n in parse_sizes(sizes)] if sizes else []
+        self.jobs += parse_layouts(layouts) if layouts else []
+        self.link_rate = link_rate
         self.launch_timeout = config.getoption("mpidp_launch_timeout") or DEFAULT_LAUNCH_TIMEOUT_S
-        self.mpiexec = find_mpiexec(config.getoption("mpidp_mpiexec"))
+        self.mpiexec = find_mpiexec(config.getoption("mpidp_mpiexec")) if sizes else None
         self.runs = {}
 
     @pytest.hookimpl(hookwrapper=True)
@@ -208,16 +236,21 @@ class Launcher:
             module = item.getparent(pytest.Module)
             if module is not None and item.get_closest_marker("mpi") is not None:
                 modules.setdefault(module.nodeid, (module, []))[1].append(item.nodeid)
-        for np in self.sizes:
+        for job in self.jobs:
             for module, expected in modules.values():
-                items.append(MpiRun.from_parent(module, name=f"[mpi np={np}]", launcher=self, np=np,
+                items.append(MpiRun.from_parent(module, name=f"[mpi {job.label}]", launcher=self, job=job,
                                                 expected=expected))
 
-    def command(self, np, logdir):
+    def command(self, job, logdir):
         """The child's command line: the same tests, the same ini, MPI mode on, only ``mpi`` tests."""
         config, option = self.config, self.config.option
         marks = f"mpi and ({option.markexpr})" if option.markexpr else "mpi"
-        command = [self.mpiexec, "-n", str(np), sys.executable, "-m", "pytest", "--mpidp", "-m", marks,
+        if job.layout:
+            start = [sys.executable, "-m", "mpidp.run", "--simulate-nodes", job.layout]
+            start += ["--link-rate", self.link_rate] if self.link_rate else []
+        else:
+            start = [self.mpiexec, "-n", str(job.np)]
+        command = start + [sys.executable, "-m", "pytest", "--mpidp", "-m", marks,
                    "--mpidp-timeout", f"{self.timeout:g}", "--mpidp-log-dir", str(logdir),
                    "--rootdir", str(config.rootpath), "-p", "no:cacheprovider", "--color=no"]
         if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
@@ -240,24 +273,30 @@ class Launcher:
             command += list(config.args)  # else the child finds the same testpaths or folder
         return command
 
-    def run(self, np):
-        """Run the child job of size ``np`` once (the first item of that size calls this)."""
-        if np in self.runs:
-            return self.runs[np]
-        logdir = self.logdir / f"np{np}"
+    def run(self, job):
+        """Run the child job ``job`` once (the first item of that job calls this)."""
+        if job in self.runs:
+            return self.runs[job]
+        logdir = self.logdir / job.label.replace("=", "").replace("+", "p")
         if logdir.exists():
             shutil.rmtree(logdir)
         logdir.mkdir(parents=True)
-        command = self.command(np, logdir)
+        command = self.command(job, logdir)
         start = time.monotonic()
         process = subprocess.Popen(command, cwd=self.config.invocation_params.dir,
-                                   env=child_environment(os.environ, np), stdout=subprocess.PIPE,
+                                   env=child_environment(os.environ, job.np), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         killed = False
         try:
             output, _ = process.communicate(timeout=self.launch_timeout)
         except subprocess.TimeoutExpired:
             killed = self.launch_timeout
+            if job.layout:  # mpidprun runs its job in a session of its own: it must stop it itself
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
         finally:
             try:  # the whole group: mpiexec, its proxies and every rank
                 os.killpg(process.pid, signal.SIGKILL)
@@ -265,6 +304,6 @@ class Launcher:
                 pass
         if killed:
             output, _ = process.communicate()
-        self.runs[np] = Run(np, command, process.returncode, time.monotonic() - start,
-                            output.decode("utf-8", "replace"), killed, logdir)
-        return self.runs[np]
+        self.runs[job] = Run(job, command, process.returncode, time.monotonic() - start,
+                             output.decode("utf-8", "replace"), killed, logdir)
+        return self.runs[job]

@@ -50,12 +50,14 @@ class Case:
     mutate: str = ""           # "corrupt" | "truncate": damage the newest seed checkpoint
     job: str = "train"         # "train" (the driver) or "mpidp-train" (python -m mpidp.train)
     every_rank: bool = False   # the message must come from every rank
-    reporter: object = None    # who prints it: None = the failing rank, a rank, "any" or "mpiexec"
+    reporter: object = None    # who prints it: None = the failing rank, a rank, "any", "mpiexec" or "mpidprun"
     good_step: object = None   # this checkpoint must load after the job (None: no checkpoint involved)
     bound_s: float = 10.0      # seconds from the fault to the end of the job
     timeout: float = 40.0
     xfail: str = ""            # a known mpidp bug: strict xfail with this reason
     note: str = ""             # one clause for the table
+    layout: str = ""           # run on simulated nodes (mpidprun --simulate-nodes LAYOUT), e.g. "2x2"
+    needs_netns: bool = False  # the fault needs the job's own network namespace (see simcluster)
 
 
 DEATH = r"YOUR APPLICATION TERMINATED WITH THE EXIT STRING: \w+ \(signal \d+\)"
@@ -140,7 +142,24 @@ CASES = [
          prepare="npy", args=("--npy",), rc=1, good_step=2, reporter="any",
          message=r"FileNotFoundError: data file \S*x\.npy disappeared during the run",
          note="every rank reads the file; the first to miss it ends the job"),
+    # issue 18: a cluster of simulated nodes (mpidprun --simulate-nodes, see docs/cluster.md)
+    Case("node_lost", "a whole node lost: both ranks of node 1 SIGKILLed, simulated 2x2", "node_kill",
+         layout="2x2", np=4, rank=2, rc="nonzero", reporter="mpidprun", good_step=2,
+         message=r"mpidprun: host 127\.0\.0\.3 \(simulated node 1: ranks 2,3\) failed",
+         note="`mpidprun --restarts 1` then restarts from the last checkpoint (test_simcluster.py)"),
+    Case("link_cut", "link between the two nodes cut (TCP blackholed), simulated 2x2", "link_cut",
+         layout="2x2", np=4, rank=0, rc="nonzero", reporter="any", good_step=2, needs_netns=True,
+         bound_s=12, env={"MPIDP_STALL_WARNING_S": "1", "MPIDP_STALL_ABORT_S": "3"},
+         message=r"\[rank [01]\] stall: waiting \d+ s in .*; ranks not in it: 2 .*3 .*aborting",
+         note="MPIDP_STALL_WARNING_S=1, MPIDP_STALL_ABORT_S=3: each side names the other node's ranks; "
+              "MPI_Abort waits behind the blocked MPI call, so SIGALRM ends each rank 3 s later"),
 ]
+
+
+def netns_available():
+    """(True, '') where a simulated-cluster job gets its own network namespace; else (False, why)."""
+    from mpidp.launch import simcluster
+    return simcluster.shaping_available()
 
 
 def by_name(name):
@@ -166,6 +185,8 @@ class Result:
             return "-"
         if case.reporter == "mpiexec":
             return f"mpiexec (rank {case.rank} died)"
+        if case.reporter == "mpidprun":
+            return "mpidprun"
         if case.every_rank and self.ranks == list(range(case.np)):
             return f"every rank (0-{case.np - 1})"
         return ", ".join(map(str, self.ranks)) or "?"
@@ -264,8 +285,13 @@ def run_case(case, workdir, seed_dir, runner):
     else:
         argv = driver_argv("train", "--dir", workdir, "--steps", case.steps, "--ckpt-every", case.ckpt_every,
                            *case.args)
+    np = case.np
+    if case.layout:  # the same job on simulated nodes, started as a user would
+        argv = [sys.executable, "-m", "mpidp.run", "--simulate-nodes", case.layout, "--link-rate", "2gbit",
+                *argv]
+        np = None
     start_wall = time.time()
-    rc, out, seconds = runner(argv, np=case.np, timeout=case.timeout, env=env)
+    rc, out, seconds = runner(argv, np=np, timeout=case.timeout, env=env)
     end_wall = start_wall + seconds
     faults = [float(p.read_text()) for p in workdir.glob("fault.*")]
     after = round(end_wall - min(faults), 2) if faults else None
@@ -512,9 +538,29 @@ def _before_step(fault, s):
     if fault.here("data_gone", s):
         fault.mark()
         os.remove(fault.dir / "x.npy")  # the loader reads the next batches from this memory map
-    if fault.kind not in ("sigkill", "sigterm") or s != fault.step:
+    if fault.kind not in ("sigkill", "sigterm", "node_kill", "link_cut") or s != fault.step:
         return
-    if fault.me == fault.rank:
+    if fault.kind == "node_kill":  # every rank of the failing rank's node, at once
+        if (fault.dir / f"fault.{fault.rank}").exists():
+            return  # once: a job restarted by mpidprun --restarts runs on
+        node = os.environ.get("MPIDP_SIM_NODE")
+        pids = [pid for n, pid in mpidp.allgather_object((node, os.getpid())) if n == node]
+        if fault.me == fault.rank:
+            def kill_node():
+                fault.mark()
+                for pid in sorted(pids, key=lambda p: p == os.getpid()):
+                    os.kill(pid, signal.SIGKILL)
+
+            threading.Timer(0.3, kill_node).start()
+    elif fault.kind == "link_cut":  # every connection between the two nodes blackholed
+        mpidp.allreduce(numpy.ones(BURST_ELEMENTS, numpy.float32), name="connect")
+        mpidp.barrier()
+        if fault.me == fault.rank:
+            from mpidp.launch import simcluster
+            fault.mark()
+            ports = simcluster.cut_link(os.environ["MPIDP_SIM_JOB"], 0, 1)
+            print(f"[rank {fault.me}] cut the link between node 0 and node 1 (TCP ports {ports})", flush=True)
+    elif fault.me == fault.rank:
         sig = signal.SIGKILL if fault.kind == "sigkill" else signal.SIGTERM
 
         def die():

@@ -39,6 +39,9 @@ def outcome(tmp_path_factory, seed_dir):
 
 def _param(case):
     marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
+    if case.needs_netns and not fc.netns_available()[0]:
+        marks.append(pytest.mark.skip(reason=f"needs the simulated cluster's own network namespace: "
+                                             f"{fc.netns_available()[1]}"))
     return pytest.param(case, id=case.name, marks=marks)
 
 

@@ -1,0 +1,302 @@
+"""A simulated cluster on one machine: K "nodes" at 127.0.0.2, 127.0.0.3, ... joined by a shaped link.
+
+``mpidprun --simulate-nodes 2x2 --link-rate 2gbit`` starts the job through MPICH's Hydra as if
+each node were a remote host: Hydra "ssh"es to every 127.0.0.x address through ``node`` below,
+which runs the proxy here with that node's own host name (a UTS namespace) and its own scratch
+folder (``TMPDIR``). Ranks on one node share memory; between nodes MPICH is told to use its
+libfabric TCP provider, so that traffic really crosses the loopback device. The whole job runs
+in its own network namespace (``unshare -n`` as root, ``unshare -rn`` otherwise where user
+namespaces are allowed), where ``netns`` brings up ``lo`` and limits its rate with ``tc``
+(token bucket): shared memory inside a node is untouched, so only inter-node traffic is shaped.
+Only 127.0.0.0/8 addresses are used, inside the job's own namespace.
+
+Nothing here initialises MPI. ``python -m mpidp.launch._simhelper netns|node|cut ...`` runs the
+helpers below for the launch command; users start jobs with ``mpidprun``.
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from typing import NamedTuple
+
+from ..errors import LaunchError
+
+__all__ = ["Layout", "parse_layout", "isolation", "shaping_available", "node_address",
+           "node_name", "RATE_PATTERN", "check_rate", "node_processes", "listening_ports", "cut_link",
+           "main"]
+
+FIRST_OCTET = 2          # node i is 127.0.0.(2 + i); 127.0.0.1 stays the launcher's own address
+MAX_NODES = 250
+RATE_PATTERN = r"\d+(\.\d+)?([kmgt]?bit|[kmgt]?bps)"
+TBF_BURST = "512kb"      # token bucket depth: >= rate / HZ for every rate up to 40 Gbit/s
+TBF_LATENCY = "50ms"
+# MPICH's default UCX netmod moves data between these "nodes" through shared memory (UCX sees
+# one host); its OFI netmod with libfabric's TCP provider sends it over the loopback device.
+MPICH_TCP_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp"}
+ENV_NODE = "MPIDP_SIM_NODE"        # set on every process of a simulated node: its index
+ENV_JOB = "MPIDP_SIM_JOB"          # set on every process of the job: the job's scratch folder
+
+
+class Layout(NamedTuple):
+    """Ranks per simulated node, e.g. (2, 2) or (2, 1)."""
+    ranks: tuple
+
+    @property
+    def np(self):
+        return sum(self.ranks)
+
+    def hosts(self):
+        """[(address, slots)] in node order: what Hydra's ``-hosts`` gets."""
+        return [(node_address(i), n) for i, n in enumerate(self.ranks)]
+
+    def ranks_of(self, node):
+        """The global ranks that node ``node`` runs (Hydra fills hosts in order)."""
+        start = sum(self.ranks[:node])
+        return list(range(start, start + self.ranks[node]))
+
+    def __str__(self):
+        if len(set(self.ranks)) == 1:
+            return f"{len(self.ranks)}x{self.ranks[0]}"
+        return "+".join(map(str, self.ranks))
+
+
+def node_address(i):
+    """The 127.0.0.x address of simulated node ``i``."""
+    return f"127.0.0.{FIRST_OCTET + i}"
+
+
+def node_name(i):
+    """The host name simulated node ``i`` runs under."""
+    return f"simnode{i}"
+
+
+def parse_layout(text, np=None):
+    """'2x2' (2 nodes of 2), '2+1' or '2,1' (uneven), or 'K' (K nodes sharing ``np`` ranks evenly)."""
+    text = str(text).strip()
+    expected = "give 'KxN' (K nodes of N ranks), 'A+B+...' or 'A,B,...' (ranks per node), or K with -np"
+    if re.fullmatch(r"\d+x\d+", text):
+        k, n = map(int, text.split("x"))
+        ranks = (n,) * k
+    elif re.fullmatch(r"\d+([+,]\d+)+", text):
+        ranks = tuple(int(part) for part in re.split(r"[+,]", text))
+    elif re.fullmatch(r"\d+", text):
+        k = int(text)
+        if np is None:
+            raise LaunchError(f"--simulate-nodes {text}: the number of ranks is not known; give -np N "
+                              f"too, or the ranks per node, e.g. {text}x2")
+        if k < 1 or np % k:
+            raise LaunchError(f"--simulate-nodes {text} with -np {np}: {np} ranks do not split evenly "
+                              f"over {k} nodes; give the ranks per node, e.g. "
+                              f"{'+'.join(str(np // k + (i < np % k)) for i in range(max(k, 1)))}")
+        ranks = (np // k,) * k
+    else:
+        raise LaunchError(f"--simulate-nodes {text!r} is not a node layout; {expected}")
+    if not ranks or min(ranks) < 1:
+        raise LaunchError(f"--simulate-nodes {text!r}: every node needs at least 1 rank")
+    if len(ranks) > MAX_NODES:
+        raise LaunchError(f"--simulate-nodes {text!r}: {len(ranks)} nodes, at most {MAX_NODES}")
+    if np is not None and np != sum(ranks):
+        raise LaunchError(f"--simulate-nodes {text} runs {sum(ranks)} ranks but -np {np} was given; "
+                          f"drop -np or make them agree")
+    return Layout(ranks)
+
+
+def check_rate(rate):
+    """``rate`` if tc reads it (2gbit, 100mbit, 1.5gbit, 125mbps); ``LaunchError`` otherwise."""
+    if not re.fullmatch(RATE_PATTERN, rate.strip().lower()):
+        raise LaunchError(f"--link-rate {rate!r} is not a rate; give e.g. 2gbit, 100mbit or 125mbps")
+    return rate.strip().lower()
+
+
+def _tool(name):
+    """Path of ``name`` on PATH or in the sbin folders (not on a normal user's PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+
+
+def isolation():
+    """(unshare argv prefix, why) for a private network + UTS namespace; (None, why not) when
+    neither root nor a user namespace can have one."""
+    missing = [name for name in ("unshare", "ip") if _tool(name) is None]
+    if missing:
+        return None, f"{' and '.join(missing)} not found (Debian/Ubuntu: apt-get install util-linux iproute2)"
+    unshare = _tool("unshare")
+    if os.geteuid() == 0:
+        return [unshare, "--net", "--uts", "--"], "root: own network namespace"
+    probe = [unshare, "--map-root-user", "--net", "--uts", "--", "true"]
+    try:
+        out = subprocess.run(probe, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"not root and '{' '.join(probe[:-2])}' failed ({exc})"
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"not root and user namespaces are not allowed here ({last})"
+    return probe[:-1], "user namespace: own network namespace"
+
+
+def shaping_available():
+    """(True, '') when a job here can get its own namespace and a tc-shaped link; else (False, why)."""
+    prefix, why = isolation()
+    if prefix is None:
+        return False, why
+    if _tool("tc") is None:
+        return False, "tc not found (Debian/Ubuntu: apt-get install iproute2)"
+    return True, ""
+
+
+def _say(message):
+    print(f"mpidprun: {message}", file=sys.stderr, flush=True)
+
+
+def _end_with_parent():
+    """SIGTERM this process (then mpiexec: it survives exec) should mpidprun die without stopping
+    it, e.g. SIGKILLed by a test's timeout: Hydra then ends the job instead of leaving it running."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _netns(argv):
+    """Inside the job's new namespace: ``lo`` up, its rate limited, then exec the launch command."""
+    rate = None
+    if argv[:1] == ["--rate"]:
+        rate, argv = argv[1], argv[2:]
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    _end_with_parent()
+    ip, tc = _tool("ip"), _tool("tc")
+    out = subprocess.run([ip, "link", "set", "lo", "up"], capture_output=True, text=True)
+    if out.returncode != 0:
+        _say(f"error: cannot bring up lo in the job's network namespace: {out.stderr.strip()}")
+        return 1
+    if rate:
+        shape = [tc, "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate,
+                 "burst", TBF_BURST, "latency", TBF_LATENCY] if tc else None
+        out = subprocess.run(shape, capture_output=True, text=True) if shape else None
+        if out is None or out.returncode != 0:
+            why = "tc not found" if out is None else (out.stderr.strip().splitlines() or ["failed"])[-1]
+            _say(f"--link-rate {rate} not applied ({why}); the simulated nodes' link is unshaped")
+    os.execvp(argv[0], argv)
+
+
+def _node(argv):
+    """Hydra's "ssh": skip ssh's options, take the host, run the remote command as that node."""
+    while argv and argv[0].startswith("-"):
+        argv = argv[1:]
+    if len(argv) < 2:
+        _say(f"error: simulated ssh got no host and command: {argv}")
+        return 255
+    host, command = argv[0], " ".join(argv[1:])  # ssh joins the rest into one shell command
+    m = re.fullmatch(r"127\.0\.0\.(\d+)", host)
+    if not m or not FIRST_OCTET <= int(m.group(1)) < FIRST_OCTET + MAX_NODES:
+        _say(f"error: {host} is not a simulated node address (127.0.0.2 and up)")
+        return 255
+    index = int(m.group(1)) - FIRST_OCTET
+    env = dict(os.environ)
+    env[ENV_NODE] = str(index)
+    job = env.get(ENV_JOB)
+    if job:  # node-local scratch, as a cluster node's own /tmp
+        env["TMPDIR"] = os.path.join(job, node_name(index))
+        os.makedirs(env["TMPDIR"], exist_ok=True)
+    if os.environ.get("MPIDP_SIM_NETNS") == "1":
+        # in the job's UTS namespace: each node gets one of its own, with its own host name
+        script = 'hostname "$0" && exec sh -c "$1"'
+        os.execvpe(_tool("unshare"), [_tool("unshare"), "--uts", "--", "sh", "-c", script,
+                                      node_name(index), command], env)
+    os.execvpe("sh", ["sh", "-c", command], env)
+
+
+def node_processes(job, node, ranks_only=False):
+    """Pids of the processes of simulated node ``node`` in the job whose scratch folder is ``job``
+    (only its MPI ranks with ``ranks_only``: not the node's proxy)."""
+    want = {f"{ENV_JOB}={job}".encode(), f"{ENV_NODE}={node}".encode()}
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = set(f.read().split(b"\0"))
+        except OSError:
+            continue
+        is_rank = any(e.startswith((b"PMI_RANK=", b"OMPI_COMM_WORLD_RANK=")) for e in env)
+        if want <= env and (is_rank or not ranks_only):
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def _socket_inodes(pids):
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    return inodes
+
+
+def listening_ports(pids, exclude=()):
+    """The TCP ports the processes ``pids`` listen on (from /proc: their sockets' inodes), without
+    sockets that the processes ``exclude`` hold too (Hydra's control port, inherited by all)."""
+    inodes = _socket_inodes(pids) - _socket_inodes(exclude)
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[9] in inodes and fields[3] == "0A":  # LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def cut_link(job, node_a, node_b, ip=None):
+    """Drop every packet between the ranks of nodes ``node_a`` and ``node_b``, as a failed link
+    would: packets vanish, nothing reports an error. Every connection between two ranks has one
+    end at a rank's listening port, so a ``blackhole`` policy-routing rule for each listening port
+    of the two nodes' ranks (as source and as destination), ahead of the local table, cuts them
+    all, open or new; a third node loses its connections to these two as well. Runs only inside a
+    simulated job's own network namespace (from one of its ranks). Returns the ports cut."""
+    if os.environ.get("MPIDP_SIM_NETNS") != "1":
+        raise LaunchError("cut_link changes routing rules: it runs only inside a simulated job's own "
+                          "network namespace (mpidprun --simulate-nodes as root or with user namespaces)")
+    ip = ip or _tool("ip")
+    rules = subprocess.run([ip, "rule", "show"], capture_output=True, text=True, check=True).stdout
+    if re.search(r"^0:\s+from all lookup local", rules, re.M):
+        # rules are read in order of preference and the local table (preference 0) would deliver
+        # first: move it behind the rules below (this namespace is the job's alone)
+        subprocess.run([ip, "rule", "add", "pref", "1000", "lookup", "local"], check=True, capture_output=True)
+        subprocess.run([ip, "rule", "del", "pref", "0"], check=True, capture_output=True)
+    ranks = node_processes(job, node_a, True) + node_processes(job, node_b, True)
+    others = set(node_processes(job, node_a) + node_processes(job, node_b)) - set(ranks)
+    ports = listening_ports(ranks, exclude=others)
+    for port in ports:
+        for end in ("sport", "dport"):
+            subprocess.run([ip, "rule", "add", "pref", "100", "ipproto", "tcp", end, str(port), "blackhole"],
+                           check=True, capture_output=True)
+    return ports
+
+
+def main(argv=None):
+    """``python -m mpidp.launch._simhelper netns [--rate R] -- CMD...`` | ``node SSH-ARGS...``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["netns"]:
+        return _netns(argv[1:])
+    if argv[:1] == ["node"]:
+        return _node(argv[1:])
+    if argv[:1] == ["cut"] and len(argv) == 4:
+        print(" ".join(map(str, cut_link(argv[1], int(argv[2]), int(argv[3])))))
+        return 0
+    print("usage: python -m mpidp.launch._simhelper netns [--rate R] -- CMD... | node SSH-ARGS... | "
+          "cut JOB NODE_A NODE_B", file=sys.stderr)
+    return 2

@@ -1,0 +1,71 @@
+"""What one rank of a simulated-cluster job sees: topology, environment, node-local scratch, and
+collectives against NumPy. Run by tests/process/test_simcluster.py as
+``mpidprun --simulate-nodes LAYOUT python simcluster_job.py OUTDIR``; each rank writes OUTDIR/rank-<r>.json."""
+import json
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+import mpidp
+from mpidp import timeline
+from mpidp.comm import runtime
+
+out = sys.argv[1]
+mpidp.init()
+rank, size = mpidp.rank(), mpidp.size()
+seen = {"rank": rank, "size": size, "local_rank": mpidp.local_rank(), "local_size": mpidp.local_size(),
+        "cross_rank": mpidp.cross_rank(), "cross_size": mpidp.cross_size(), "device": runtime.device(),
+        "hostname": socket.gethostname(), "tmpdir": os.environ.get("TMPDIR"),
+        "threads": os.environ.get("OMP_NUM_THREADS"), "node": os.environ.get("MPIDP_SIM_NODE")}
+try:  # GPUs this rank can see: binding by local rank is checked for real where there are some
+    import cupy
+    seen["gpus"] = cupy.cuda.runtime.getDeviceCount() if cupy.is_available() else 0
+except ImportError:
+    seen["gpus"] = 0
+
+# node-local scratch: local rank 0 writes, its node's ranks read; other nodes' files are not there
+with timeline.span("scratch", "io"):
+    scratch = os.path.join(os.environ["TMPDIR"], "cache.txt")
+    if mpidp.local_rank() == 0:
+        with open(scratch + ".tmp", "w") as f:
+            f.write(f"written by rank {rank}")
+        os.replace(scratch + ".tmp", scratch)
+    mpidp.barrier()
+    seen["scratch"] = open(scratch).read()
+
+# collectives on every rank's own values, checked here against NumPy
+failures = []
+def check(name, got, want):
+    if got.shape != want.shape or got.dtype != want.dtype or not np.allclose(got, want, rtol=1e-5, atol=1e-5):
+        failures.append(f"{name}: got {got.ravel()[:4]} {got.shape} {got.dtype}, want {want.ravel()[:4]} {want.shape}")
+
+everyone = [np.random.default_rng(r).standard_normal(1 << 20).astype(np.float32) for r in range(size)]
+for n in (7, 1 << 20):  # small, and large (4 MiB: the ring path)
+    mine = everyone[rank][:n]
+    check(f"allreduce sum {n}", mpidp.allreduce(mine, op=mpidp.Sum), np.sum([e[:n] for e in everyone], axis=0))
+    check(f"allreduce average {n}", mpidp.allreduce(mine), np.mean([e[:n] for e in everyone], axis=0, dtype=np.float32))
+for root in range(size):
+    check(f"broadcast root {root}", mpidp.broadcast(everyone[rank][:100], root_rank=root), everyone[root][:100])
+rows = [r + 1 for r in range(size)]  # a different first dimension per rank
+check("allgather", mpidp.allgather(np.full((rows[rank], 3), rank, np.int64)),
+      np.concatenate([np.full((rows[r], 3), r, np.int64) for r in range(size)]))
+m = 5 * size + 2  # not a multiple of the size: the first ranks get one row more
+full = np.sum([np.arange(m * 2, dtype=np.float64).reshape(m, 2) * (r + 1) for r in range(size)], axis=0)
+start = sum(m // size + (r < m % size) for r in range(rank))
+count = m // size + (rank < m % size)
+check("reducescatter", mpidp.reducescatter(np.arange(m * 2, dtype=np.float64).reshape(m, 2) * (rank + 1), op=mpidp.Sum),
+      full[start:start + count])
+seen["failures"] = failures
+
+# timeline clocks: every rank's "after" span starts after every rank's "before" span ended
+with timeline.span("before", "compute"):
+    time.sleep(0.01 * (size - rank))
+mpidp.barrier()
+with timeline.span("after", "compute"):
+    pass
+with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
+    json.dump(seen, f)
+mpidp.shutdown()

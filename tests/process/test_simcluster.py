@@ -1,0 +1,152 @@
+"""A simulated cluster on this machine (``mpidprun --simulate-nodes``): topology, node-local
+scratch, core sharing, timeline and collectives on 2x2, 3x1, 1x3 and 2+1 layouts, and the
+launcher's checks. Shaping needs root or user namespaces; tests that need it skip with the reason."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mpidp.launch import simcluster
+
+from test_launcher import clean_env, mpidprun
+
+pytestmark = pytest.mark.spawns
+
+HERE = Path(__file__).resolve().parent
+JOB = HERE / "simcluster_job.py"
+SHAPING, NO_SHAPING_WHY = simcluster.shaping_available()
+needs_shaping = pytest.mark.skipif(not SHAPING, reason=f"no simulated-cluster namespace here: {NO_SHAPING_WHY}")
+# each rank waits for the others without spinning: up to 4 ranks share 2 cores here
+QUIET = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
+
+
+def expected_topology(ranks_per_node):
+    """Horovod's definitions, per global rank: (node, local_rank, local_size, cross_rank, cross_size)."""
+    out = []
+    for node, n in enumerate(ranks_per_node):
+        for local in range(n):
+            peers = [j for j, m in enumerate(ranks_per_node) if m > local]  # nodes with this local rank
+            out.append((node, local, n, peers.index(node), len(peers)))
+    return out
+
+
+@pytest.mark.parametrize("layout,ranks", [("2x2", (2, 2)), ("3x1", (1, 1, 1)), ("1x3", (3,)),
+                                          ("2+1", (2, 1))])
+def test_topology_scratch_timeline_and_collectives(tmp_path, layout, ranks):
+    trace = tmp_path / "trace.json"
+    rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", sys.executable, JOB,
+                               tmp_path, timeout=180, env=dict(QUIET, MPIDP_TIMELINE=str(trace)))
+    assert rc == 0, f"{out}\n{err}"
+    seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(sum(ranks))]
+    cores = os.cpu_count()
+    for r, (s, (node, local, lsize, cross, csize)) in enumerate(zip(seen, expected_topology(ranks))):
+        got = (s["rank"], s["size"], s["local_rank"], s["local_size"], s["cross_rank"], s["cross_size"])
+        assert got == (r, sum(ranks), local, lsize, cross, csize), f"rank {r} of {layout}: {s}"
+        assert s["node"] == str(node)
+        assert s["failures"] == [], f"rank {r} of {layout}: {s['failures']}"
+        assert s["device"] == (local % s["gpus"] if s["gpus"] else None)  # bound by local rank
+        assert s["threads"] == str(max(1, cores // sum(ranks)))  # all nodes share this machine's cores
+        first = r - local  # the node's local rank 0 wrote its scratch file
+        assert s["scratch"] == f"written by rank {first}"
+        if SHAPING:
+            assert s["hostname"] == simcluster.node_name(node)
+    scratches = {s["tmpdir"] for s in seen}
+    assert len(scratches) == len(ranks), f"one scratch folder per node: {scratches}"
+    if SHAPING:
+        assert "link limited" not in err and "not applied" not in err, err
+
+    doc = json.loads(trace.read_text())
+    events = doc["traceEvents"]
+    labels = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    assert labels == {r: f"rank {r}" for r in range(sum(ranks))}
+    spans = {(e["pid"], e["name"]): e for e in events if e.get("ph") == "X" and e["name"] in ("before", "after")}
+    last_before_end = max(spans[r, "before"]["ts"] + spans[r, "before"]["dur"] for r in range(sum(ranks)))
+    first_after = min(spans[r, "after"]["ts"] for r in range(sum(ranks)))
+    assert first_after >= last_before_end, "the merged clocks put a span after the barrier before one ahead of it"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--simulate-nodes", "3", "-np", "4"], "4 ranks do not split evenly over 3 nodes; give the ranks per node, e.g. 2+1+1"),
+    (["--simulate-nodes", "2x2", "-np", "3"], "runs 4 ranks but -np 3 was given"),
+    (["--simulate-nodes", "2x0"], "every node needs at least 1 rank"),
+    (["--simulate-nodes", "two"], "is not a node layout"),
+    (["--simulate-nodes", "2x2", "--link-rate", "fast"], "is not a rate; give e.g. 2gbit"),
+    (["-np", "2", "--link-rate", "2gbit"], "give --simulate-nodes too"),
+    (["--simulate-nodes", "2x2", "-H", "a:2"], "not allowed with argument"),
+])
+def test_bad_arguments_start_nothing(args, message):
+    rc, out, err, _ = mpidprun(*args, sys.executable, "-c", "pass")
+    assert rc == 2 and message in err, err
+
+
+def test_dry_run_shows_the_simulated_launch():
+    rc, out, err, _ = mpidprun("--simulate-nodes", "2,1", "--link-rate", "100mbit", "--dry-run", "-v",
+                               sys.executable, "-c", "pass")
+    assert rc == 0, err
+    assert "-launcher ssh -launcher-exec" in out and "-hosts 127.0.0.2:2,127.0.0.3:1" in out
+    assert "-genv MPIR_CVAR_CH4_NETMOD ofi -genv FI_PROVIDER tcp" in out
+    assert "simulated cluster 2+1: node 0 at 127.0.0.2 (2 ranks); node 1 at 127.0.0.3 (1 rank)" in err
+    if SHAPING:
+        assert "netns --rate 100mbit --" in out
+
+
+def test_layouts():
+    assert simcluster.parse_layout("2x2") == ((2, 2),)
+    assert simcluster.parse_layout("2,1").ranks == (2, 1) == simcluster.parse_layout("2+1").ranks
+    assert simcluster.parse_layout("3", np=6).ranks == (2, 2, 2)
+    layout = simcluster.parse_layout("2+1")
+    assert layout.hosts() == [("127.0.0.2", 2), ("127.0.0.3", 1)] and layout.ranks_of(1) == [2]
+    assert str(simcluster.parse_layout("3x1")) == "3x1" and str(layout) == "2+1"
+
+
+def test_node_lost_ends_the_job_names_the_host_and_restarts_from_the_checkpoint(tmp_path):
+    """Both ranks of node 1 SIGKILLed at step 3: within 10 s mpidprun names the host and its
+    ranks, then --restarts 1 resumes from the step-2 checkpoint and the job finishes."""
+    sys.path.insert(0, str(HERE))
+    import fault_cases as fc
+
+    env = dict(QUIET, FAULT="node_kill", FAULT_RANK="2", FAULT_STEP="3", FAULT_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "mpidp.run", "--simulate-nodes", "2x2", "--restarts", "1", "--timeout", "150",
+           *fc.driver_argv("train", "--dir", tmp_path, "--steps", 6, "--ckpt-every", 2)]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=clean_env(env), cwd=HERE.parents[1], start_new_session=True)
+    lines = []  # (arrival time, line)
+    try:
+        for line in proc.stdout:
+            lines.append((time.time(), line.rstrip("\n")))
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "\n".join(text for _, text in lines)
+    assert proc.returncode == 0, out[-4000:]
+    fault_at = float((tmp_path / "fault.2").read_text())
+    failed = [(t, text) for t, text in lines if text.startswith("mpidprun: host ")]
+    assert failed and failed[0][1].startswith(
+        "mpidprun: host 127.0.0.3 (simulated node 1: ranks 2,3) failed:"), out[-4000:]
+    assert failed[0][0] - fault_at < 10, f"the job ended {failed[0][0] - fault_at:.1f} s after the node was lost"
+    assert any("restart 1/1" in text for _, text in lines), out[-4000:]
+    assert "final: step 6" in out and "check_replicas: identical" in out
+    restart = next(i for i, (_, text) in enumerate(lines) if "restart 1/1" in text)
+    resumed = [text for _, text in lines[restart:] if text.startswith("step ")]
+    assert resumed and resumed[0].startswith("step 3 "), f"not resumed from the step-2 checkpoint: {resumed}"
+
+
+def test_the_pytest_plugin_runs_a_file_on_simulated_clusters(tmp_path):
+    """pytest --mpidp-nodes 2x2,2+1: one item per layout, the report names the failing ranks."""
+    from test_plugin import pytest_job
+
+    rc, out, seconds = pytest_job(tmp_path, "cluster", "--mpidp-nodes", "2x2,2+1", "--mpidp-link-rate", "2gbit",
+                                  timeout=180)
+    assert rc == 1, out
+    assert ("FAILED test_case.py::[mpi nodes=2x2] - nodes=2x2: 1 of 2 tests failed: test_fails_on_node_1"
+            in out), out
+    assert "FAILED test_case.py::[mpi nodes=2+1] - nodes=2+1: 1 of 2 tests failed: test_fails_on_node_1" in out
+    assert "failed on ranks 2,3 of 4" in out and "failed on rank 2 of 3" in out
+    assert "planted failure on simulated node 1" in out
+    assert (tmp_path / ".mpidp-pytest" / "nodes2p1" / "rank-2.log").exists()
