@@ -15,7 +15,7 @@ from ..backend.pinned import empty_host
 from ..backend.xp import get_array_module
 from ..comm import check, collectives, ops, process_set as _ps
 from ..errors import MpidpError
-from ..fusion import Bucket, Compression, buffer_kind, plan_buckets, signature
+from ..fusion import Bucket, Compression, ReadyCounts, buffer_kind, plan_buckets, signature
 from .. import timeline
 
 # scripts/bench_gradsync.py --sweep on the development machine (np=2, ResNet-50 gradient
@@ -76,7 +76,6 @@ class DistributedOptimizer:
         self._next_fire = 0       # buckets start strictly in index order on every rank
         self._autotune_pending = _env.get("MPIDP_AUTOTUNE")
         self._threshold_given = fusion_threshold_bytes is not None  # explicit settings win over tuning
-        self._passes = 0
         self._sync_off = False
         self._synchronized = False
         self._hooks = [p.register_hook(self._grad_ready) for p in params] if overlap else []
@@ -119,6 +118,7 @@ class DistributedOptimizer:
         self._signature = signature(names, params, layout)
         self.buckets = self._build(layout)
         self._bucket_of = {id(p): bkt for bkt in self.buckets for p in bkt.params}
+        self._counts = ReadyCounts(self.buckets, self.backward_passes_per_step)
         self._verified = False  # the next exchange checks the new plan across ranks
         self._next_fire = 0
 
@@ -148,16 +148,14 @@ class DistributedOptimizer:
     # -- the hot path -----------------------------------------------------------------------------
     def _grad_ready(self, param):
         bucket = self._bucket_of[id(param)]
-        bucket.ready += 1
-        if self._sync_off or bucket.ready < len(bucket.params) * self.backward_passes_per_step:
-            return
-        self._fire_ready()
+        if self._counts.add(bucket, param, bucket.index < self._next_fire, not self._sync_off):
+            self._fire_ready()
 
     def _fire_ready(self, wake=True):
         """Start every bucket that is complete, in index order (a later one waits for its turn)."""
         while self._next_fire < len(self.buckets):
             bucket = self.buckets[self._next_fire]
-            if bucket.ready < len(bucket.params) * self.backward_passes_per_step:
+            if not self._counts.complete(bucket):
                 return
             self._fire(bucket, wake)
 
@@ -192,7 +190,7 @@ class DistributedOptimizer:
             return
         for bucket in self.buckets:
             if bucket.handle is None:  # unused parameters or no hooks: their grads are as they are
-                bucket.ready = len(bucket.params) * self.backward_passes_per_step
+                self._counts.force(bucket)
         self._fire_ready(wake=False)  # waited for below, so run by this thread
         t0 = time.perf_counter()
         with timeline.span("wait gradients", "wait"):
@@ -203,14 +201,18 @@ class DistributedOptimizer:
                 bucket.flat[...] = bucket.wire
         self.stats["wait_s"] += time.perf_counter() - t0
         self.stats["comm_s"] += sum(b.handle.seconds() for b in self.buckets)
-        for bucket in self.buckets:
-            bucket.handle, bucket.ready = None, 0
-        self._next_fire = 0
+        self._new_round()
         self._synchronized = True
+
+    def _new_round(self):
+        """No bucket in flight or counted: the next backward passes start the next exchange."""
+        for bucket in self.buckets:
+            bucket.handle = None
+        self._counts.reset()
+        self._next_fire = 0
 
     def step(self):
         """Average the gradients (unless ``synchronize()`` already did) and update the parameters."""
-        self._passes = 0
         self.synchronize()
         if self._autotune_pending:  # MPIDP_AUTOTUNE=1: measure once, on this step's real gradients
             self._autotune_pending = False
@@ -231,7 +233,16 @@ class DistributedOptimizer:
             self._sync_off = False
 
     def zero_grad(self):
-        """Zero every gradient (whole bucket buffers at once)."""
+        """Zero every gradient (whole bucket buffers at once) and forget the passes counted so far.
+
+        Buckets still in flight (a backward without step) are waited for first, so MPI never
+        writes into the zeroed buffers; the next backward passes start a fresh exchange.
+        """
+        for bucket in self.buckets:
+            if bucket.handle is not None:
+                bucket.handle.wait()
+        self._new_round()
+        self._synchronized = False
         for bucket in self.buckets:
             bucket.rebind()
             bucket.flat.fill(0)
