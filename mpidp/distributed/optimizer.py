@@ -13,7 +13,8 @@ import numpy
 from .. import _env
 from ..backend.pinned import empty_host
 from ..backend.xp import get_array_module
-from ..comm import check, collectives, ops, process_set as _ps
+from ..comm import check, collectives, ops, process_set as _ps, stall
+from ..comm.engine import engine
 from ..errors import MpidpError
 from ..fusion import Bucket, Compression, ReadyCounts, buffer_kind, plan_buckets, signature
 from .. import timeline
@@ -37,6 +38,13 @@ def plan(params, threshold):
 def fusion_threshold():
     """Bytes per bucket: MPIDP_FUSION_THRESHOLD, else the calibrated default."""
     return _env.get("MPIDP_FUSION_THRESHOLD") or DEFAULT_FUSION_THRESHOLD
+
+
+def agree_in_order(comm, owner, signature, advice):
+    """The cross-rank plan check, run by the engine behind every collective queued before it: a
+    metric allreduce still in flight must not meet the check's allreduce from another thread."""
+    seq = stall.started()
+    engine.run(lambda: check.agree(comm, owner, "gradients", signature, advice), f"{owner} plan check", seq)
 
 
 def _arena(xp, count, dtype):
@@ -70,6 +78,18 @@ class DistributedOptimizer:
         self.process_set, self._comm = _ps.resolve(process_set)
         self._set_arg = process_set
         self._size = self._comm.Get_size()
+        f = float(gradient_predivide_factor)
+        if not f > 0:
+            raise ValueError(f"gradient_predivide_factor must be > 0, got {gradient_predivide_factor}")
+        if self.op is ops.Average:
+            self._pre, self._post = 1.0 / f, f / self._size
+        else:
+            self._pre, self._post = 1.0, 1.0
+        # settings a rank can vary, first: a mismatch error names the setting, not a symptom
+        self._settings = (("op", self.op.name), ("gradient_predivide_factor", f),
+                          ("compression", self.compression.name),
+                          ("backward_passes_per_step", self.backward_passes_per_step),
+                          ("process_set", tuple(self.process_set.ranks)))
         names, params = self._collect(optimizer, model, named_parameters)
         self._names, self._params = names, params
         self.replan(int(fusion_threshold_bytes or fusion_threshold()))
@@ -79,11 +99,6 @@ class DistributedOptimizer:
         self._sync_off = False
         self._synchronized = False
         self._hooks = [p.register_hook(self._grad_ready) for p in params] if overlap else []
-        f = float(gradient_predivide_factor)
-        if self.op is ops.Average:
-            self._pre, self._post = 1.0 / f, f / self._size
-        else:
-            self._pre, self._post = 1.0, 1.0
         self.stats = {"steps": 0, "comm_s": 0.0, "wait_s": 0.0, "bytes": 0}
 
     @staticmethod
@@ -115,7 +130,7 @@ class DistributedOptimizer:
         self.threshold = int(threshold_bytes)
         params, names = self._params, self._names
         layout = plan(params, self.threshold)
-        self._signature = signature(names, params, layout)
+        self._signature = self._settings + signature(names, params, layout)
         self.buckets = self._build(layout)
         self._bucket_of = {id(p): bkt for bkt in self.buckets for p in bkt.params}
         self._counts = ReadyCounts(self.buckets, self.backward_passes_per_step)
@@ -180,8 +195,9 @@ class DistributedOptimizer:
 
     def _verify(self):
         """First step: every rank must have built the same buckets from the same parameters."""
-        check.agree(self._comm, "DistributedOptimizer", "gradients", self._signature,
-                    "(shape, dtype, bucket) must match: build the same model on every rank")
+        agree_in_order(self._comm, "DistributedOptimizer", self._signature,
+                       "build the same model and DistributedOptimizer (op, gradient_predivide_factor, "
+                       "compression, backward_passes_per_step, process_set) on every rank")
         self._verified = True
 
     def synchronize(self):

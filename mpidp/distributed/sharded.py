@@ -27,7 +27,7 @@ from ..backend.xp import asnumpy, get_array_module
 from ..comm import check, collectives, ops, process_set as _ps
 from ..nn.parameter import Parameter
 from ..fusion import ReadyCounts, plan_buckets
-from .optimizer import FIRST_BUCKET_BYTES, DistributedOptimizer, fusion_threshold
+from .optimizer import FIRST_BUCKET_BYTES, DistributedOptimizer, agree_in_order, fusion_threshold
 
 try:  # the timeline is optional: spans cost nothing when it is off or absent
     from ..timeline import span as _span
@@ -125,9 +125,11 @@ class ShardedOptimizer:
                         for b, idx in enumerate(plan)]
         self._bucket_of = {id(p): bkt for bkt in self.buckets for p in bkt.params}
         self._counts = ReadyCounts(self.buckets, self.backward_passes_per_step)
-        self._signature = tuple(
-            (f"parameter {n!r}", (tuple(p.shape), str(p.dtype), b.index, b.group))
-            for b in self.buckets for n, p in zip(b.names, b.params)) + (("stage", stage),)
+        # the layout (what a shard state file must match) and the settings a rank can vary
+        self._layout_rows = tuple((f"parameter {n!r}", (tuple(p.shape), str(p.dtype), b.index, b.group))
+                                  for b in self.buckets for n, p in zip(b.names, b.params)) + (("stage", stage),)
+        self._signature = (("stage", stage), ("backward_passes_per_step", self.backward_passes_per_step),
+                           ("process_set", tuple(self.process_set.ranks))) + self._layout_rows
         for gi, group in enumerate(groups):  # the wrapped optimizer now sees only the shards
             group["params"] = [b.shard for b in self.buckets if b.group == gi]
         self._pool = []  # stage 2: free gradient buffers, reused across steps
@@ -220,9 +222,9 @@ class ShardedOptimizer:
 
     def _fire(self, bucket):
         if not self._verified:
-            check.agree(self._comm, "ShardedOptimizer", "gradients", self._signature,
-                        "(name, shape, dtype, bucket, group, stage) must match: build the same model and "
-                        "optimizer on every rank")
+            agree_in_order(self._comm, "ShardedOptimizer", self._signature,
+                           "build the same model, optimizer and ShardedOptimizer (stage, "
+                           "backward_passes_per_step, process_set) on every rank")
             self._verified = True
         if bucket.grad is None:  # stage 2, no parameter of it was used: it still takes part
             self._acquire(bucket)
@@ -349,7 +351,7 @@ class ShardedOptimizer:
         return {b.index: order[id(b.shard)] for b in self.buckets}
 
     def _layout(self):
-        return check.fingerprint(self._signature + (("ranks", self._size),))
+        return check.fingerprint(self._layout_rows + (("ranks", self._size),))
 
     def state_dict(self, gathered=True):
         """The wrapped optimizer's state_dict over the model's parameters (a collective), or this rank's shard."""
