@@ -18,11 +18,13 @@ class ProcessSet:
         n = world.Get_size()
         if not ranks or len(set(ranks)) != len(ranks) or ranks[0] < 0 or ranks[-1] >= n:
             raise ValueError(f"process set ranks {ranks} must be distinct ranks in [0, {n}) and not empty")
-        from .engine import engine
-        engine.drain()  # communicator creation must not race queued collectives
-        check.agree(world, "ProcessSet", "process_set", (("ranks", tuple(ranks)),))
         self.ranks = ranks
-        comm = world.Create(world.Get_group().Incl(ranks))
+
+        def create():
+            check.agree(world, "ProcessSet", "process_set", (("ranks", tuple(ranks)),))
+            return world.Create(world.Get_group().Incl(ranks))
+
+        comm = runtime._in_order(create, f"ProcessSet({ranks})")  # behind the queued collectives
         self.comm = None if comm == MPI.COMM_NULL else comm
         _created.append(self)
 
