@@ -5,7 +5,8 @@ Every rank runs one daemon thread. A waiting rank records what it waits for
 ``MPIDP_STALL_WARNING_S`` the thread asks every peer's thread what it is doing,
 over a private communicator, and logs the ranks that are not in the same
 collective; past ``MPIDP_STALL_ABORT_S`` (default 300 s, 0 = never) it aborts the
-job if some rank is still missing (a collective every rank is in is slow, not stalled).
+job. A long operation that calls ``tick()`` as it progresses (a piece, a ring step)
+restarts the clock: it is slow, not stalled.
 """
 import sys
 import threading
@@ -44,6 +45,11 @@ def begin_wait(what, seq):
     progress.wait_seq = seq
     progress.wait_start = time.monotonic()
     progress.waiting = what
+
+
+def tick():
+    """The wait in progress is progressing: its stall clock starts again."""
+    progress.wait_start = time.monotonic()
 
 
 def end_wait():
@@ -114,8 +120,8 @@ def _run(comm, warn_s, abort_s):
         if waited < warn_s or warned_for == (seq, abort_s and waited >= abort_s):
             continue
         missing = _ask_peers(comm, me, n, seq, answers)
-        warned_for = (seq, bool(abort_s) and waited >= abort_s)
-        level_abort = warned_for[1] and bool(missing)  # every rank in it: slow, not stalled
+        level_abort = bool(abort_s) and waited >= abort_s
+        warned_for = (seq, level_abort)
         message = (f"[rank {me}] stall: waiting {waited:.0f} s in {what} (collective #{seq}); "
                    f"ranks not in it: {missing or 'none (all ranks wait: suspect a mismatched call order)'}")
         if level_abort:
