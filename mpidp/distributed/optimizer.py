@@ -85,11 +85,7 @@ class DistributedOptimizer:
             self._pre, self._post = 1.0 / f, f / self._size
         else:
             self._pre, self._post = 1.0, 1.0
-        # settings a rank can vary, first: a mismatch error names the setting, not a symptom
-        self._settings = (("op", self.op.name), ("gradient_predivide_factor", f),
-                          ("compression", self.compression.name),
-                          ("backward_passes_per_step", self.backward_passes_per_step),
-                          ("process_set", tuple(self.process_set.ranks)))
+        self._predivide = f
         names, params = self._collect(optimizer, model, named_parameters)
         self._names, self._params = names, params
         self.replan(int(fusion_threshold_bytes or fusion_threshold()))
@@ -130,10 +126,10 @@ class DistributedOptimizer:
         self.threshold = int(threshold_bytes)
         params, names = self._params, self._names
         layout = plan(params, self.threshold)
-        self._signature = self._settings + signature(names, params, layout)
+        self._signature = signature(names, params, layout)
         self.buckets = self._build(layout)
         self._bucket_of = {id(p): bkt for bkt in self.buckets for p in bkt.params}
-        self._counts = ReadyCounts(self.buckets, self.backward_passes_per_step)
+        self._counts = ReadyCounts(self.buckets)
         self._verified = False  # the next exchange checks the new plan across ranks
         self._next_fire = 0
 
@@ -163,7 +159,8 @@ class DistributedOptimizer:
     # -- the hot path -----------------------------------------------------------------------------
     def _grad_ready(self, param):
         bucket = self._bucket_of[id(param)]
-        if self._counts.add(bucket, param, bucket.index < self._next_fire, not self._sync_off):
+        if self._counts.add(bucket, param, self.backward_passes_per_step, bucket.index < self._next_fire,
+                            not self._sync_off):
             self._fire_ready()
 
     def _fire_ready(self, wake=True):
@@ -195,7 +192,12 @@ class DistributedOptimizer:
 
     def _verify(self):
         """First step: every rank must have built the same buckets from the same parameters."""
-        agree_in_order(self._comm, "DistributedOptimizer", self._signature,
+        # settings a rank can vary come first: a mismatch error names the setting, not a symptom
+        settings = (("op", self.op.name), ("gradient_predivide_factor", self._predivide),
+                    ("compression", self.compression.name),
+                    ("backward_passes_per_step", self.backward_passes_per_step),
+                    ("process_set", tuple(self.process_set.ranks)))
+        agree_in_order(self._comm, "DistributedOptimizer", settings + self._signature,
                        "build the same model and DistributedOptimizer (op, gradient_predivide_factor, "
                        "compression, backward_passes_per_step, process_set) on every rank")
         self._verified = True

@@ -124,7 +124,7 @@ class ShardedOptimizer:
                                 group_of[id(params[idx[0]])], self._size, self._rank)
                         for b, idx in enumerate(plan)]
         self._bucket_of = {id(p): bkt for bkt in self.buckets for p in bkt.params}
-        self._counts = ReadyCounts(self.buckets, self.backward_passes_per_step)
+        self._counts = ReadyCounts(self.buckets)
         # the layout (what a shard state file must match) and the settings a rank can vary
         self._layout_rows = tuple((f"parameter {n!r}", (tuple(p.shape), str(p.dtype), b.index, b.group))
                                   for b in self.buckets for n, p in zip(b.names, b.params)) + (("stage", stage),)
@@ -203,7 +203,8 @@ class ShardedOptimizer:
     # -- the hot path --------------------------------------------------------------------------
     def _grad_ready(self, param):
         bucket = self._bucket_of[id(param)]
-        if self._counts.add(bucket, param, bucket.index < self._next_fire, not self._sync_off):
+        if self._counts.add(bucket, param, self.backward_passes_per_step, bucket.index < self._next_fire,
+                            not self._sync_off):
             self._fire_ready()
 
     def _fire_ready(self):

@@ -12,8 +12,8 @@ from ..errors import MpidpError
 class ReadyCounts:
     """Gradient-ready counts of ``buckets`` (each with ``params``, ``names``, ``index``, ``ready``)."""
 
-    def __init__(self, buckets, passes):
-        self.buckets, self.passes = buckets, passes
+    def __init__(self, buckets):
+        self.buckets = buckets
         self._count = {id(p): 0 for b in buckets for p in b.params}
         self.reset()
 
@@ -24,8 +24,9 @@ class ReadyCounts:
         for bucket in self.buckets:
             bucket.ready = 0
 
-    def add(self, bucket, param, started, counted=True):
-        """Count one produced gradient; True when that made ``bucket`` complete.
+    def add(self, bucket, param, passes, started, counted=True):
+        """Count one produced gradient; True when that made ``bucket`` complete (every parameter
+        of it produced ``passes`` times).
 
         ``started``: the bucket's reduction is already under way (this gradient changed
         its buffer under MPI): an error naming the parameter and the bucket.
@@ -34,12 +35,12 @@ class ReadyCounts:
         if started:
             name = bucket.names[[id(p) for p in bucket.params].index(id(param))]
             raise MpidpError(f"gradient of {name!r} was computed again while {bucket.name} is being "
-                             f"reduced: more backward passes than backward_passes_per_step={self.passes} "
+                             f"reduced: more backward passes than backward_passes_per_step={passes} "
                              f"before step(); call step() or zero_grad() first, or accumulate under no_sync()")
         if not counted:
             return False
         n = self._count[id(param)] = self._count[id(param)] + 1
-        if n != self.passes:
+        if n != passes:
             return False
         bucket.ready += 1
         return bucket.ready == len(bucket.params)
