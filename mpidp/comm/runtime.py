@@ -31,11 +31,12 @@ _state = _State()
 _LEVELS = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
            MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
 _exit_hook = False
+_rank_pid = None  # the process that called init(), kept after shutdown(): MPI stays initialised
 
 
 def init(comm=None):
     """Initialise mpidp over ``comm`` (default COMM_WORLD); idempotent."""
-    global _exit_hook
+    global _exit_hook, _rank_pid
     if _state.comm is not None:
         return
     if not MPI.Is_initialized():
@@ -53,7 +54,7 @@ def init(comm=None):
     _state.cross_comm = _state.comm.Split(_state.local_comm.Get_rank(), _state.comm.Get_rank())
     _state.cuda_aware, _state.cuda_aware_how = _cuda_aware.detect()
     _state.device = bind_device(_state.local_comm.Get_rank())
-    _state.pid = os.getpid()
+    _state.pid = _rank_pid = os.getpid()
     stall.start(_state.comm)
     timeline.start()  # MPIDP_TIMELINE=path records every rank; shutdown() writes the merged trace
     if _env.get("MPIDP_ABORT_ON_EXCEPTION"):
@@ -110,11 +111,12 @@ def _forked():
 
 
 def _at_exit():
-    if _state.comm is None or MPI.Is_finalized():
+    if MPI.Is_finalized():
         return
-    if os.getpid() != _state.pid:
+    if os.getpid() != _rank_pid:  # even after shutdown(): MPI is still initialised in the parent
         _leave_child()
-    _exit_without_shutdown()
+    if _state.comm is not None:
+        _exit_without_shutdown()
 
 
 def _leave_child():

@@ -53,17 +53,21 @@ def test_exit_without_shutdown_with_handles_in_flight(tmp_path):
         assert "Segmentation" not in out and "signal" not in out.lower()
 
 
-def test_forked_child_that_exits_normally_leaves_the_job_alone(tmp_path):
+@pytest.mark.parametrize("when", ["initialised", "after_shutdown"])
+def test_forked_child_that_exits_normally_leaves_the_job_alone(tmp_path, when):
     rc, out, seconds = job(tmp_path, """
+        BEFORE
         pid = os.fork()
         if pid == 0:
             print(f"child of rank {r} exits", flush=True)
-            sys.exit(0)                    # atexit handlers run here: no exit barrier in a child
+            sys.exit(0)                    # atexit handlers run here: no exit barrier, no MPI_Finalize
         os.waitpid(pid, 0)
+        mpidp.init()
         assert mpidp.allreduce(numpy.ones(3), op=mpidp.Sum)[0] == mpidp.size()
         mpidp.shutdown()
         print(f"rank {r} done", flush=True)
-    """, env={"MPIDP_EXIT_TIMEOUT_S": "10"})
+    """.replace("BEFORE", "mpidp.shutdown()" if when == "after_shutdown" else "pass"),
+        env={"MPIDP_EXIT_TIMEOUT_S": "10"})
     assert rc == 0 and seconds < 9, f"rc={rc}, {seconds:.1f} s\n{out[-3000:]}"
     assert "child of rank 1 exits" in out and "rank 1 done" in out
     assert "exited without mpidp.shutdown()" not in out
