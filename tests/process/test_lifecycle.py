@@ -112,6 +112,9 @@ def test_thread_level_below_multiple_is_refused(tmp_path, how):
             print(f"rank {os.environ.get('PMI_RANK')} refused: {exc}", flush=True)
         else:
             print("init went ahead", flush=True)
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Barrier()           # both ranks have printed
+        MPI.Finalize()                     # (mpi4py does not when the script initialised MPI)
     """, head=head)
     assert rc == 0 and seconds < 20, out[-3000:]
     level = "funneled" if how == "rc" else "serialized"
