@@ -12,7 +12,8 @@ VARIABLES = {
     "MPIDP_PIECE_BYTES": (int, 0, "bytes one rank reduces per ring step of a large allreduce (or per in-place "
                                   "Allreduce call where the ring does not apply); 0 = the measured default (2 MiB)"),
     "MPIDP_STALL_WARNING_S": (float, 60.0, "seconds a rank waits in a collective before it logs the missing ranks"),
-    "MPIDP_STALL_ABORT_S": (float, 0.0, "seconds before a stalled job aborts; 0 = never"),
+    "MPIDP_STALL_ABORT_S": (float, 300.0, "seconds a rank waits in a collective that some ranks never joined "
+                                          "before it ends the job with the stall report; 0 = never"),
     "MPIDP_TIMELINE": (str, "", "path of a Chrome-trace timeline written at shutdown; empty = off"),
     "MPIDP_AUTOTUNE": (bool, False, "measure bucket and piece size during the first steps"),
     "MPIDP_AUTOTUNE_CACHE": (str, "~/.cache/mpidp/tune.json", "where tuned settings are cached"),

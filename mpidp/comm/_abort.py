@@ -1,11 +1,19 @@
-"""End the whole job when one rank fails, instead of leaving the others hanging in a collective."""
+"""End the whole job when one rank fails, instead of leaving the others hanging in a collective.
+
+The hooks are installed once and follow the communicator of the latest ``init()``
+(``install`` again after a re-init; ``uninstall`` at shutdown). In a process forked
+from a rank they step aside: aborting there would kill the parent's job.
+"""
+import os
 import signal
 import sys
 import threading
 import traceback
 
-_installed = False
-
+_comm = None     # the communicator to abort; None: hooks pass through
+_pid = None      # the process that installed them (not a forked child)
+_code = 1
+_hooked = False
 
 # MPI_Abort takes MPICH's lock, which another thread may hold for ever inside a blocking call to
 # a peer that cannot answer (a cut link); the aborting thread then spins holding the GIL, so no
@@ -36,28 +44,47 @@ def _report(comm, exc_type, exc, tb, where):
     sys.stdout.flush()
 
 
+def _active():
+    """The communicator to abort, or None (not installed, shut down, one rank, or a forked child)."""
+    comm = _comm
+    if comm is None or os.getpid() != _pid or comm.Get_size() == 1:
+        return None
+    return comm
+
+
 def install(comm, code=1):
-    """Print a rank-prefixed traceback and MPI_Abort on any uncaught exception (main thread or not)."""
-    global _installed
-    if _installed or comm.Get_size() == 1:
+    """Print a rank-prefixed traceback and MPI_Abort ``comm`` on any uncaught exception (main thread or not)."""
+    global _comm, _pid, _code, _hooked
+    _comm, _pid, _code = comm, os.getpid(), code
+    if _hooked:
         return
-    _installed = True
+    _hooked = True
     prev_hook, prev_thread_hook = sys.excepthook, threading.excepthook
 
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, KeyboardInterrupt) and comm.Get_size() == 1:
+        comm = _active()
+        if comm is None:
             return prev_hook(exc_type, exc, tb)
         try:
             _report(comm, exc_type, exc, tb, "")
         finally:
-            _abort(comm, code)
+            _abort(comm, _code)
 
     def thread_hook(args):
+        comm = _active()
+        if comm is None:
+            return prev_thread_hook(args)
         try:
             _report(comm, args.exc_type, args.exc_value, args.exc_traceback,
                     f" in thread {args.thread.name if args.thread else '?'}")
         finally:
-            _abort(comm, code)
+            _abort(comm, _code)
 
     sys.excepthook = hook
     threading.excepthook = thread_hook
+
+
+def uninstall():
+    """Stop aborting (at shutdown: the communicator is about to be freed)."""
+    global _comm
+    _comm = None

@@ -9,12 +9,12 @@ import math
 import numpy
 
 from .. import _env
-from ..backend.xp import asnumpy, get_array_module, is_float_dtype
+from ..backend.xp import asnumpy, get_array_module
 from . import check, dlpack as _dlpack, stall
 from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, scale,
                        spec, uses_ring)
 from .engine import Handle, engine
-from .ops import Average, Sum, as_op, check_dtype, dtype_name, mpi_op
+from .ops import Average, Sum, as_op, check_dtype, check_reduction, dtype_name, mpi_op
 from .process_set import resolve
 
 _check_enabled = _env.get("MPIDP_CHECK")
@@ -74,9 +74,7 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
     seq = stall.started()
     name = name or f"allreduce.{seq}"
     x = _array(x, name, "allreduce")
-    if not is_float_dtype(x.dtype) and (op is Average or prescale_factor != 1 or postscale_factor != 1):
-        raise TypeError(f"allreduce of integer tensor {name!r} ({x.dtype}) with op={op} or scaling: "
-                        f"an integer average is not exact; use op=mpidp.Sum and divide yourself")
+    check_reduction(op, x.dtype, f"allreduce of tensor {name!r}", prescale_factor != 1 or postscale_factor != 1)
     xp = get_array_module(x)
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
     if inplace or prescale_factor != 1.0:  # reduce in place in a contiguous work array
@@ -154,9 +152,8 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
     if not tensors:
         return _launch(blocking, lambda: None, name, seq, lambda _: [])
     for i, t in enumerate(tensors):
-        if not is_float_dtype(t.dtype) and (op is Average or prescale_factor != 1 or postscale_factor != 1):
-            raise TypeError(f"grouped_allreduce of integer tensor {name}[{i}] ({t.dtype}) with op={op} "
-                            f"or scaling is not exact; use op=mpidp.Sum")
+        check_reduction(op, t.dtype, f"grouped_allreduce of tensor {name}[{i}]",
+                        prescale_factor != 1 or postscale_factor != 1)
     xp = get_array_module(*tensors)
     groups = {}  # dtype -> indices, in order of first appearance
     for i, t in enumerate(tensors):
@@ -377,9 +374,7 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
     x = _array(x, name, "reducescatter")
     if x.ndim == 0:
         raise ValueError(f"reducescatter of tensor {name!r} needs at least one dimension, got a 0-d array")
-    if not is_float_dtype(x.dtype) and (op is Average or prescale_factor != 1 or postscale_factor != 1):
-        raise TypeError(f"reducescatter of integer tensor {name!r} ({x.dtype}) with op={op} or scaling "
-                        f"is not exact; use op=mpidp.Sum")
+    check_reduction(op, x.dtype, f"reducescatter of tensor {name!r}", prescale_factor != 1 or postscale_factor != 1)
     xp = get_array_module(x)
     rows, tail = x.shape[0], tuple(x.shape[1:])
     row = math.prod(tail)

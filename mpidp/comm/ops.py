@@ -41,7 +41,7 @@ def check_dtype(dtype, what):
     dtype = numpy.dtype(dtype)
     if dtype not in _NATIVE and dtype not in HALF:
         raise TypeError(f"{what} has dtype {dtype}, which mpidp collectives do not carry; "
-                        f"use a numeric array (float16/32/64, bfloat16, int8-64, uint8-64, bool)")
+                        f"use a numeric array (float16/32/64, bfloat16, int8-64, uint8-64, bool, complex64/128)")
     return dtype
 
 
@@ -62,18 +62,42 @@ def mpi_type(dtype):
     return MPI.UINT16_T if dtype in HALF else _NATIVE[dtype]
 
 
-def mpi_op(op, dtype):
-    """The MPI.Op that reduces ``dtype`` with ``op`` (user-defined for 16-bit floats)."""
+# bool: Sum and Max are "any", Min and Product "all" (NumPy's add/maximum and minimum/multiply on bool)
+_BOOL_OPS = {"Sum": MPI.LOR, "Max": MPI.LOR, "Min": MPI.LAND, "Product": MPI.LAND}
+
+
+def check_reduction(op, dtype, what, scaled=False):
+    """Raise TypeError (before any communication) where ``op`` (or a scale factor) is not defined for
+    ``dtype``: an average or scaling of integers or bool, an order of complex numbers."""
     dtype = numpy.dtype(dtype)
-    if dtype not in HALF:
+    exact = dtype.kind in "fc" or dtype in HALF
+    if dtype.kind == "b" and (op is Average or scaled):
+        raise TypeError(f"{what} is bool: op={op} or a scale factor has no bool meaning; use mpidp.Sum or "
+                        f"Max (any rank true) or Min or Product (every rank true)")
+    if not exact and (op is Average or scaled):
+        raise TypeError(f"{what} is an integer tensor ({dtype}): an integer average (op={op} or a scale "
+                        f"factor) is not exact; use op=mpidp.Sum and divide yourself")
+    if dtype.kind == "c" and op in (Min, Max):
+        raise TypeError(f"{what} is complex ({dtype}): op={op} needs an order complex numbers do not have; "
+                        f"use Sum, Average or Product, or reduce the real and imaginary parts yourself")
+
+
+def mpi_op(op, dtype):
+    """The MPI.Op that reduces ``dtype`` with ``op``: MPI's own, logical ones for bool, and NumPy's
+    ufunc (user-defined) for 16-bit floats and for float Min/Max, where MPI's comparison drops a
+    NaN (MPICH: np=3 Min of float32 gave neither NaN nor the minimum) and NumPy keeps it."""
+    dtype = numpy.dtype(dtype)
+    if dtype.kind == "b":
+        return _BOOL_OPS[op.name]
+    if dtype not in HALF and not (dtype.kind == "f" and op in (Min, Max)):
         return op.mpi_op
     key = (op.name, dtype_name(dtype))
     if key not in _user_ops:
-        _user_ops[key] = MPI.Op.Create(_half_reducer(op.ufunc, dtype), commute=True)
+        _user_ops[key] = MPI.Op.Create(_ufunc_reducer(op.ufunc, dtype), commute=True)
     return _user_ops[key]
 
 
-def _half_reducer(ufunc, dtype):
+def _ufunc_reducer(ufunc, dtype):
     def reduce(inbuf, inoutbuf, datatype):
         a = numpy.frombuffer(inbuf, dtype=dtype)
         b = numpy.frombuffer(inoutbuf, dtype=dtype)

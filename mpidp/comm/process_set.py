@@ -24,10 +24,12 @@ class ProcessSet:
         ranks, n = self.ranks, world.Get_size()
         if not ranks or len(set(ranks)) != len(ranks) or ranks[0] < 0 or ranks[-1] >= n:
             raise ValueError(f"process set ranks {ranks} must be distinct ranks in [0, {n}) and not empty")
-        from .engine import engine
-        engine.drain()  # communicator creation must not race queued collectives
-        check.agree(world, "ProcessSet", "process_set", (("ranks", tuple(ranks)),))
-        comm = world.Create(world.Get_group().Incl(ranks))
+
+        def create():
+            check.agree(world, "ProcessSet", "process_set", (("ranks", tuple(ranks)),))
+            return world.Create(world.Get_group().Incl(ranks))
+
+        comm = runtime._in_order(create, f"ProcessSet({ranks})")  # behind the queued collectives
         self.comm = None if comm == MPI.COMM_NULL else comm
         self.process_set_id = _next_id()
         _created.append(self)
@@ -130,11 +132,14 @@ def remove_process_set(process_set):
     a set that is not registered."""
     if process_set is global_process_set or process_set not in _created:
         return False
-    from .engine import engine
-    engine.drain()  # nothing queued may still use the communicator
-    check.agree(runtime.get_comm(), "remove_process_set", "process_set", (("ranks", tuple(process_set.ranks)),))
-    if process_set.comm is not None:
-        process_set.comm.Free()
+    world = runtime.get_comm()
+
+    def free():  # behind every queued collective, so nothing queued still uses the communicator
+        check.agree(world, "remove_process_set", "process_set", (("ranks", tuple(process_set.ranks)),))
+        if process_set.comm is not None:
+            process_set.comm.Free()
+
+    runtime._in_order(free, f"remove_process_set({process_set.ranks})")
     process_set.comm, process_set.process_set_id = None, None
     _created.remove(process_set)
     return True

@@ -1,5 +1,6 @@
 """Process-wide MPI state: init, shutdown, ranks, and what the MPI can do."""
 import atexit
+import os
 import sys
 import time
 
@@ -8,7 +9,7 @@ from mpi4py import MPI
 from .. import _env, timeline
 from ..backend import cuda_aware as _cuda_aware
 from ..backend.device import bind_device
-from ..errors import NotInitializedError
+from ..errors import MpidpError, NotInitializedError
 from . import _abort, stall
 
 
@@ -24,9 +25,14 @@ class _State:
         self.cuda_aware_how = ""
         self.finalize_mpi = False
         self.homogeneous = None   # every node runs the same number of ranks
+        self.pid = None           # the process that called init(): a forked child is not a rank
 
 
 _state = _State()
+_LEVELS = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
+           MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
+_exit_hook = False
+_rank_pid = None  # the process that called init(), kept after shutdown(): MPI stays initialised
 
 
 def init(comm=None, process_sets=None):
@@ -34,12 +40,19 @@ def init(comm=None, process_sets=None):
 
     ``process_sets``: ProcessSets (or rank lists) to create now, as Horovod's ``init``.
     """
+    global _exit_hook, _rank_pid
     if _state.comm is not None:
         _add_process_sets(process_sets)
         return
     if not MPI.Is_initialized():
         MPI.Init_thread(MPI.THREAD_MULTIPLE)
         _state.finalize_mpi = True
+    level = MPI.Query_thread()
+    if level < MPI.THREAD_MULTIPLE:  # the engine thread calls MPI while the caller computes
+        raise MpidpError(f"MPI was initialised with thread level {_LEVELS.get(level, level)}, but mpidp "
+                         f"calls MPI from its engine thread and needs multiple; drop "
+                         f"mpi4py.rc.thread_level = {_LEVELS.get(level, level)!r} (or call "
+                         f"MPI.Init_thread(MPI.THREAD_MULTIPLE)), with an MPI library built for it")
     base = MPI.COMM_WORLD if comm is None else comm
     _state.comm = base.Dup()  # our traffic never matches the user's own messages
     _state.local_comm = _state.comm.Split_type(MPI.COMM_TYPE_SHARED, key=_state.comm.Get_rank())
@@ -47,45 +60,115 @@ def init(comm=None, process_sets=None):
     _state.homogeneous = len(set(_state.comm.allgather(_state.local_comm.Get_size()))) == 1
     _state.cuda_aware, _state.cuda_aware_how = _cuda_aware.detect()
     _state.device = bind_device(_state.local_comm.Get_rank())
+    _state.pid = _rank_pid = os.getpid()
     stall.start(_state.comm)
     timeline.start()  # MPIDP_TIMELINE=path records every rank; shutdown() writes the merged trace
     if _env.get("MPIDP_ABORT_ON_EXCEPTION"):
         _abort.install(_state.comm)
-    atexit.register(_exit_without_shutdown)
+    if not _exit_hook:
+        _exit_hook = True
+        atexit.register(_at_exit)
+        os.register_at_fork(after_in_child=_forked)
     _add_process_sets(process_sets)
 
 
+def _in_order(fn, what):
+    """Run ``fn`` (MPI calls on mpidp's communicators) behind every collective queued before it."""
+    from .engine import engine
+    return engine.run(fn, what, stall.started())
+
+
 def shutdown():
-    """Free mpidp's communicators (a collective call); MPI itself is finalised at exit."""
+    """Finish the collectives still in flight, then free mpidp's communicators (a collective call);
+    MPI itself is finalised at exit. ``init()`` may be called again afterwards."""
     if _state.comm is None:
+        return
+    if os.getpid() != _state.pid:  # a forked child holds a copy of the parent's state: drop it only
+        _state.__init__()
         return
     from . import process_set
     if timeline.enabled():
         timeline.save()
+    _in_order(lambda: None, "shutdown: collectives in flight")  # they complete, watched by the inspector
     stall.stop()
-    process_set._free_all()
-    for c in (_state.cross_comm, _state.local_comm, _state.comm):
-        c.Free()
+    _abort.uninstall()
+
+    def free():
+        process_set._free_all()
+        for c in (_state.cross_comm, _state.local_comm, _state.comm):
+            c.Free()
+
+    _in_order(free, "shutdown")
     _state.__init__()
 
 
+_child_exit_code = None
+
+
+def _forked():
+    """In a child forked from a rank: remember sys.exit's code (see _at_exit)."""
+    real_exit = sys.exit
+
+    def exit(code=None):
+        global _child_exit_code
+        _child_exit_code = code
+        real_exit(code)
+
+    sys.exit = exit
+
+
+def _at_exit():
+    if MPI.Is_finalized():
+        return
+    if os.getpid() != _rank_pid:  # even after shutdown(): MPI is still initialised in the parent
+        _leave_child()
+    if _state.comm is not None:
+        _exit_without_shutdown()
+
+
+def _leave_child():
+    """A forked child must not finalise MPI (that speaks to the launcher for the parent, whose job
+    then fails): end the process here with its exit code, as multiprocessing's children do."""
+    code = _child_exit_code
+    if getattr(sys, "last_value", None) is not None:  # an uncaught exception (already printed)
+        code = 1
+    code = 0 if code is None else code if isinstance(code, int) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code & 0xFF)
+
+
 def _exit_without_shutdown():
-    """At exit without shutdown(): wait for the peers to exit too, or abort so none hangs."""
+    """At exit without shutdown(): finish what is in flight, then wait for the peers to exit too,
+    or abort so none hangs (both within MPIDP_EXIT_TIMEOUT_S)."""
+    from .engine import engine
     comm = _state.comm
-    if comm is None or MPI.Is_finalized():
-        return
-    stall.stop()
-    if comm.Get_size() == 1:
-        return
-    request = comm.Ibarrier()
     deadline = time.monotonic() + _env.get("MPIDP_EXIT_TIMEOUT_S")
-    while not request.Test():
+
+    def barrier():
+        if comm.Get_size() == 1:
+            return
+        request = comm.Ibarrier()
+        while not request.Test():
+            if time.monotonic() > deadline:
+                _give_up(comm, "did not exit")
+            time.sleep(0.001)
+
+    # the engine thread runs the queue and then the barrier (MPI from one thread, in order)
+    done = engine.submit(barrier, "exit barrier", stall.started())
+    while not done.done():
         if time.monotonic() > deadline:
-            sys.stderr.write(f"[rank {comm.Get_rank()}] exited without mpidp.shutdown() while other "
-                             f"ranks did not exit within MPIDP_EXIT_TIMEOUT_S; aborting the job\n")
-            sys.stderr.flush()
-            comm.Abort(1)
+            _give_up(comm, "did not finish the collectives in flight")
         time.sleep(0.001)
+    stall.stop()
+    done.wait()
+
+
+def _give_up(comm, why):
+    sys.stderr.write(f"[rank {comm.Get_rank()}] exited without mpidp.shutdown() while other ranks {why} "
+                     f"within MPIDP_EXIT_TIMEOUT_S; aborting the job\n")
+    sys.stderr.flush()
+    comm.Abort(1)
 
 
 def get_comm():

@@ -4,7 +4,9 @@ Every rank runs one daemon thread. A waiting rank records what it waits for
 (two stores on the hot path, nothing else). When a wait outlives
 ``MPIDP_STALL_WARNING_S`` the thread asks every peer's thread what it is doing,
 over a private communicator, and logs the ranks that are not in the same
-collective; past ``MPIDP_STALL_ABORT_S`` (if set) it aborts the job.
+collective; past ``MPIDP_STALL_ABORT_S`` (default 300 s, 0 = never) it aborts the
+job. A long operation that calls ``tick()`` as it progresses (a piece, a ring step)
+restarts the clock: it is slow, not stalled.
 """
 import sys
 import threading
@@ -44,6 +46,11 @@ def begin_wait(what, seq):
     progress.wait_seq = seq
     progress.wait_start = time.monotonic()
     progress.waiting = what
+
+
+def tick():
+    """The wait in progress is progressing: its stall clock starts again."""
+    progress.wait_start = time.monotonic()
 
 
 def end_wait():

@@ -13,9 +13,10 @@ import numpy
 from .. import _env
 from ..backend.pinned import empty_host
 from ..backend.xp import get_array_module
-from ..comm import check, collectives, ops, process_set as _ps
+from ..comm import check, collectives, ops, process_set as _ps, stall
+from ..comm.engine import engine
 from ..errors import MpidpError
-from ..fusion import Bucket, Compression, buffer_kind, plan_buckets, signature
+from ..fusion import Bucket, Compression, ReadyCounts, buffer_kind, plan_buckets, signature
 from .. import timeline
 
 # scripts/bench_gradsync.py --sweep on the development machine (np=2, ResNet-50 gradient
@@ -37,6 +38,13 @@ def plan(params, threshold):
 def fusion_threshold():
     """Bytes per bucket: MPIDP_FUSION_THRESHOLD, else the calibrated default."""
     return _env.get("MPIDP_FUSION_THRESHOLD") or DEFAULT_FUSION_THRESHOLD
+
+
+def agree_in_order(comm, owner, signature, advice):
+    """The cross-rank plan check, run by the engine behind every collective queued before it: a
+    metric allreduce still in flight must not meet the check's allreduce from another thread."""
+    seq = stall.started()
+    engine.run(lambda: check.agree(comm, owner, "gradients", signature, advice), f"{owner} plan check", seq)
 
 
 def _arena(xp, count, dtype):
@@ -70,22 +78,24 @@ class DistributedOptimizer:
         self.process_set, self._comm = _ps.resolve(process_set)
         self._set_arg = process_set
         self._size = self._comm.Get_size()
+        f = float(gradient_predivide_factor)
+        if not f > 0:
+            raise ValueError(f"gradient_predivide_factor must be > 0, got {gradient_predivide_factor}")
+        if self.op is ops.Average:
+            self._pre, self._post = 1.0 / f, f / self._size
+        else:
+            self._pre, self._post = 1.0, 1.0
+        self._predivide = f
         names, params = self._collect(optimizer, model, named_parameters)
         self._names, self._params = names, params
         self.replan(int(fusion_threshold_bytes or fusion_threshold()))
         self._next_fire = 0       # buckets start strictly in index order on every rank
         self._autotune_pending = _env.get("MPIDP_AUTOTUNE")
         self._threshold_given = fusion_threshold_bytes is not None  # explicit settings win over tuning
-        self._passes = 0
         self._sync_off = False
         self._skip_sync = False
         self._synchronized = False
         self._hooks = [p.register_hook(self._grad_ready) for p in params] if overlap else []
-        f = float(gradient_predivide_factor)
-        if self.op is ops.Average:
-            self._pre, self._post = 1.0 / f, f / self._size
-        else:
-            self._pre, self._post = 1.0, 1.0
         self.stats = {"steps": 0, "comm_s": 0.0, "wait_s": 0.0, "bytes": 0}
 
     @staticmethod
@@ -120,6 +130,7 @@ class DistributedOptimizer:
         self._signature = signature(names, params, layout)
         self.buckets = self._build(layout)
         self._bucket_of = {id(p): bkt for bkt in self.buckets for p in bkt.params}
+        self._counts = ReadyCounts(self.buckets)
         self._verified = False  # the next exchange checks the new plan across ranks
         self._next_fire = 0
 
@@ -149,16 +160,15 @@ class DistributedOptimizer:
     # -- the hot path -----------------------------------------------------------------------------
     def _grad_ready(self, param):
         bucket = self._bucket_of[id(param)]
-        bucket.ready += 1
-        if self._sync_off or bucket.ready < len(bucket.params) * self.backward_passes_per_step:
-            return
-        self._fire_ready()
+        if self._counts.add(bucket, param, self.backward_passes_per_step, bucket.index < self._next_fire,
+                            not self._sync_off):
+            self._fire_ready()
 
     def _fire_ready(self, wake=True):
         """Start every bucket that is complete, in index order (a later one waits for its turn)."""
         while self._next_fire < len(self.buckets):
             bucket = self.buckets[self._next_fire]
-            if bucket.ready < len(bucket.params) * self.backward_passes_per_step:
+            if not self._counts.complete(bucket):
                 return
             self._fire(bucket, wake)
 
@@ -183,8 +193,14 @@ class DistributedOptimizer:
 
     def _verify(self):
         """First step: every rank must have built the same buckets from the same parameters."""
-        check.agree(self._comm, "DistributedOptimizer", "gradients", self._signature,
-                    "(shape, dtype, bucket) must match: build the same model on every rank")
+        # settings a rank can vary come first: a mismatch error names the setting, not a symptom
+        settings = (("op", self.op.name), ("gradient_predivide_factor", self._predivide),
+                    ("compression", self.compression.name),
+                    ("backward_passes_per_step", self.backward_passes_per_step),
+                    ("process_set", tuple(self.process_set.ranks)))
+        agree_in_order(self._comm, "DistributedOptimizer", settings + self._signature,
+                       "build the same model and DistributedOptimizer (op, gradient_predivide_factor, "
+                       "compression, backward_passes_per_step, process_set) on every rank")
         self._verified = True
 
     def synchronize(self):
@@ -193,7 +209,7 @@ class DistributedOptimizer:
             return
         for bucket in self.buckets:
             if bucket.handle is None:  # unused parameters or no hooks: their grads are as they are
-                bucket.ready = len(bucket.params) * self.backward_passes_per_step
+                self._counts.force(bucket)
         self._fire_ready(wake=False)  # waited for below, so run by this thread
         t0 = time.perf_counter()
         with timeline.span("wait gradients", "wait"):
@@ -204,14 +220,18 @@ class DistributedOptimizer:
                 bucket.flat[...] = bucket.wire
         self.stats["wait_s"] += time.perf_counter() - t0
         self.stats["comm_s"] += sum(b.handle.seconds() for b in self.buckets)
-        for bucket in self.buckets:
-            bucket.handle, bucket.ready = None, 0
-        self._next_fire = 0
+        self._new_round()
         self._synchronized = True
+
+    def _new_round(self):
+        """No bucket in flight or counted: the next backward passes start the next exchange."""
+        for bucket in self.buckets:
+            bucket.handle = None
+        self._counts.reset()
+        self._next_fire = 0
 
     def step(self):
         """Average the gradients (unless ``synchronize()`` already did) and update the parameters."""
-        self._passes = 0
         if not self._skip_sync:
             self.synchronize()
         elif not self._synchronized:
@@ -236,7 +256,16 @@ class DistributedOptimizer:
             self._sync_off = False
 
     def zero_grad(self):
-        """Zero every gradient (whole bucket buffers at once)."""
+        """Zero every gradient (whole bucket buffers at once) and forget the passes counted so far.
+
+        Buckets still in flight (a backward without step) are waited for first, so MPI never
+        writes into the zeroed buffers; the next backward passes start a fresh exchange.
+        """
+        for bucket in self.buckets:
+            if bucket.handle is not None:
+                bucket.handle.wait()
+        self._new_round()
+        self._synchronized = False
         for bucket in self.buckets:
             bucket.rebind()
             bucket.flat.fill(0)
@@ -255,10 +284,11 @@ class DistributedOptimizer:
         """Accumulate ``passes`` backward passes locally before the gradients are averaged (between steps)."""
         if int(passes) < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {passes}")
-        if any(b.handle is not None or b.ready for b in self.buckets):
+        if self._counts.pending() or any(b.handle is not None for b in self.buckets):
             raise MpidpError("set_backward_passes_per_step() during accumulation: call it after step(), "
                              "before the next backward pass")
         self.backward_passes_per_step = int(passes)
+        self._verified = False  # part of the checked plan: a rank that changed it alone is caught
 
     # -- pass-through of the wrapped optimizer ---------------------------------------------------
     @property

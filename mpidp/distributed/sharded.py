@@ -26,8 +26,8 @@ import numpy
 from ..backend.xp import asnumpy, get_array_module
 from ..comm import check, collectives, ops, process_set as _ps
 from ..nn.parameter import Parameter
-from ..fusion import plan_buckets
-from .optimizer import FIRST_BUCKET_BYTES, DistributedOptimizer, fusion_threshold
+from ..fusion import ReadyCounts, plan_buckets
+from .optimizer import FIRST_BUCKET_BYTES, DistributedOptimizer, agree_in_order, fusion_threshold
 
 try:  # the timeline is optional: spans cost nothing when it is off or absent
     from ..timeline import span as _span
@@ -124,9 +124,12 @@ class ShardedOptimizer:
                                 group_of[id(params[idx[0]])], self._size, self._rank)
                         for b, idx in enumerate(plan)]
         self._bucket_of = {id(p): bkt for bkt in self.buckets for p in bkt.params}
-        self._signature = tuple(
-            (f"parameter {n!r}", (tuple(p.shape), str(p.dtype), b.index, b.group))
-            for b in self.buckets for n, p in zip(b.names, b.params)) + (("stage", stage),)
+        self._counts = ReadyCounts(self.buckets)
+        # the layout (what a shard state file must match) and the settings a rank can vary
+        self._layout_rows = tuple((f"parameter {n!r}", (tuple(p.shape), str(p.dtype), b.index, b.group))
+                                  for b in self.buckets for n, p in zip(b.names, b.params)) + (("stage", stage),)
+        self._signature = (("stage", stage), ("backward_passes_per_step", self.backward_passes_per_step),
+                           ("process_set", tuple(self.process_set.ranks))) + self._layout_rows
         for gi, group in enumerate(groups):  # the wrapped optimizer now sees only the shards
             group["params"] = [b.shard for b in self.buckets if b.group == gi]
         self._pool = []  # stage 2: free gradient buffers, reused across steps
@@ -200,16 +203,15 @@ class ShardedOptimizer:
     # -- the hot path --------------------------------------------------------------------------
     def _grad_ready(self, param):
         bucket = self._bucket_of[id(param)]
-        bucket.ready += 1
-        if self._sync_off or bucket.ready < len(bucket.params) * self.backward_passes_per_step:
-            return
-        self._fire_ready()
+        if self._counts.add(bucket, param, self.backward_passes_per_step, bucket.index < self._next_fire,
+                            not self._sync_off):
+            self._fire_ready()
 
     def _fire_ready(self):
         """Start every complete bucket in index order; finish those whose reduction is done."""
         while self._next_fire < len(self.buckets):
             bucket = self.buckets[self._next_fire]
-            if bucket.ready < len(bucket.params) * self.backward_passes_per_step:
+            if not self._counts.complete(bucket):
                 break
             self._fire(bucket)
         self._finish_done()
@@ -221,9 +223,9 @@ class ShardedOptimizer:
 
     def _fire(self, bucket):
         if not self._verified:
-            check.agree(self._comm, "ShardedOptimizer", "gradients", self._signature,
-                        "(name, shape, dtype, bucket, group, stage) must match: build the same model and "
-                        "optimizer on every rank")
+            agree_in_order(self._comm, "ShardedOptimizer", self._signature,
+                           "build the same model, optimizer and ShardedOptimizer (stage, "
+                           "backward_passes_per_step, process_set) on every rank")
             self._verified = True
         if bucket.grad is None:  # stage 2, no parameter of it was used: it still takes part
             self._acquire(bucket)
@@ -249,7 +251,7 @@ class ShardedOptimizer:
             return
         for bucket in self.buckets:
             if bucket.handle is None:
-                bucket.ready = len(bucket.params) * self.backward_passes_per_step
+                self._counts.force(bucket)
         self._fire_ready()
         t0 = time.perf_counter()
         with _span("wait gradient shards", "wait"):
@@ -257,10 +259,15 @@ class ShardedOptimizer:
                 if bucket.handle:
                     self._finish(bucket)
         self.stats["wait_s"] += time.perf_counter() - t0
-        for bucket in self.buckets:
-            bucket.handle, bucket.ready = None, 0
-        self._next_fire = 0
+        self._new_round()
         self._synchronized = True
+
+    def _new_round(self):
+        """No bucket in flight or counted: the next backward passes start the next reduction."""
+        for bucket in self.buckets:
+            bucket.handle = None
+        self._counts.reset()
+        self._next_fire = 0
 
     def step(self):
         """Average the gradients (unless ``synchronize()`` did), update this rank's shards, allgather them."""
@@ -287,7 +294,13 @@ class ShardedOptimizer:
             self._sync_off = False
 
     def zero_grad(self):
-        """Zero the gradients (stage 2: give back buffers a backward left without a step)."""
+        """Zero the gradients and forget the passes counted so far (stage 2: give back buffers a
+        backward left without a step); reductions still in flight are waited for first."""
+        for b in self.buckets:
+            if b.handle:
+                self._finish(b)
+        self._new_round()
+        self._synchronized = False
         for b in self.buckets:
             if self.stage == 1:
                 if any(p.requires_grad and (p.grad is None or p.grad.base is not b.grad) for p in b.params):
@@ -339,7 +352,7 @@ class ShardedOptimizer:
         return {b.index: order[id(b.shard)] for b in self.buckets}
 
     def _layout(self):
-        return check.fingerprint(self._signature + (("ranks", self._size),))
+        return check.fingerprint(self._layout_rows + (("ranks", self._size),))
 
     def state_dict(self, gathered=True):
         """The wrapped optimizer's state_dict over the model's parameters (a collective), or this rank's shard."""

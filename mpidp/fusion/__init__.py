@@ -2,5 +2,6 @@
 from .bucket import Bucket
 from .compression import Compression, Compressor
 from .plan import buffer_kind, plan_buckets, signature
+from .ready import ReadyCounts
 
-__all__ = ["Bucket", "Compression", "Compressor", "buffer_kind", "plan_buckets", "signature"]
+__all__ = ["Bucket", "Compression", "Compressor", "ReadyCounts", "buffer_kind", "plan_buckets", "signature"]

@@ -244,6 +244,12 @@ def plan(args, environ=None):
     env = _forwarded_env(args.env, environ)
     source, hosts = _hosts_of(args, environ)
     np = _ranks(args, source, hosts, environ)
+    if args.mpi == "srun" and source not in ("slurm", "local"):
+        raise LaunchError(f"srun takes its hosts from the Slurm allocation, not from {source}; "
+                          f"pass --mpi mpich|openmpi to use mpiexec with them")
+    if args.mpiexec and not shutil.which(args.mpiexec, path=environ.get("PATH")):
+        raise LaunchError(f"--mpiexec {args.mpiexec}: not found or not executable; give the path of "
+                          f"an mpiexec (or srun)")
 
     notes, info = [], None
     if not (args.dry_run and args.mpi in ("mpich", "openmpi")):
@@ -259,10 +265,7 @@ def plan(args, environ=None):
         _share_cores(env, environ, np, notes)
 
     srun_pmi = ""
-    if launcher == "srun":
-        if source not in ("slurm", "local"):
-            raise LaunchError(f"srun takes its hosts from the Slurm allocation, not from {source}; "
-                              f"pass --mpi mpich|openmpi to use mpiexec with them")
+    if launcher == "srun":  # (--mpi srun with -H/--hostfile was refused above)
         hosts = None
         exe = args.mpiexec or shutil.which("srun", path=environ.get("PATH")) or "srun"
         srun_pmi = _mpiexec.SRUN_PMI.get(info.flavour if info else "", "")

@@ -77,7 +77,7 @@ def test_stall_inspector_names_the_missing_rank_then_aborts(tmp_path):
     assert "aborting after MPIDP_STALL_ABORT_S=4" in out
 
 
-def test_stall_warning_only_by_default_abort_off(tmp_path):
+def test_stall_warning_then_the_late_rank_joins(tmp_path):
     rc, out, seconds = job(tmp_path, """
         if r == 1:
             time.sleep(3)
