@@ -38,7 +38,7 @@ def _begin(process_set, kind, name):
 def _signature(eng, kind, name, *fields):
     """The checked fields: kind, process set and the caller's name (auto-names are kind.seq, and
     the sequence number is checked with every signature), then the collective's own fields."""
-    return (("collective", kind), ("process set", eng.progress.members), ("name", name)) + fields
+    return (("collective", kind), ("process set", eng.progress.label), ("name", name)) + fields
 
 
 def _job(comm, kind, name, signature, seq, body):
@@ -60,7 +60,10 @@ def _writable(x, name, what):
 
 
 def _release(*staged):
-    """Give staging buffers back (a collective that raised)."""
+    """Give staging buffers back (a collective that raised); None when nothing is staged."""
+    if all(s is None or s.host is s.array for s in staged):
+        return None
+
     def release():
         for s in staged:
             if s is not None:

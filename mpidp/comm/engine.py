@@ -40,8 +40,7 @@ the engine thread picks up work, to shake out ordering bugs (the torture test se
 
 
 def _jitter():
-    if test_delay_s:
-        time.sleep(random.random() * test_delay_s)
+    time.sleep(random.random() * test_delay_s)
 
 
 def current():
@@ -84,15 +83,10 @@ class Handle:
 
     def _settle(self):
         engine = self._engine
-        if self._state == _PENDING:
+        if test_delay_s:
             _jitter()
-            engine.help_until(self)  # run queued work here rather than hand it off
-        with engine._cv:
-            while self._state == _FINISHING:  # another waiter is finishing it
-                engine._cv.wait()
-            if self._state == _FINISHED:
-                return
-            self._state = _FINISHING
+        if not engine.help_until(self):  # runs queued work here rather than hand it off
+            return  # another waiter finished it
         try:
             if self._error is None:
                 self._result = self._value if self._finish is None else self._finish(self._value)
@@ -156,7 +150,8 @@ class Engine:
             self._queue.append((handle, fn))
             if wake:
                 self._cv.notify()
-        _jitter()
+        if test_delay_s:
+            _jitter()
         return handle
 
     def run(self, fn, what, seq, finish=None, release=None):
@@ -188,7 +183,9 @@ class Engine:
         return value if finish is None else finish(value)
 
     def help_until(self, handle):
-        """Run queued collectives in this thread, in queue order, until ``handle`` is done.
+        """Run queued collectives in this thread, in queue order, until ``handle`` is done;
+        then claim its finish: True when this thread is to finish it, False when another
+        waiter did.
 
         While the engine thread finishes the collective it is running this waits; then
         the engine thread stands aside and the rest runs here, so a caller that waits
@@ -207,7 +204,14 @@ class Engine:
                     raise
                 self._helpers -= 1
                 if handle._state != _PENDING:
-                    return
+                    if not self._helpers and self._queue and not self._busy:
+                        self._cv.notify_all()  # the engine thread stood aside for us: the rest is its own
+                    while handle._state == _FINISHING:  # another waiter is finishing it
+                        self._cv.wait()
+                    if handle._state == _FINISHED:
+                        return False
+                    handle._state = _FINISHING
+                    return True
                 job, fn = self._queue.popleft()
                 if not nested:
                     self._busy = True
@@ -256,7 +260,8 @@ class Engine:
                     self._cv.wait()
                 handle, fn = self._queue.popleft()
                 self._busy = True
-            _jitter()
+            if test_delay_s:
+                _jitter()
             self._execute(handle, fn)
 
 

@@ -12,7 +12,7 @@ def _run(process_set, kind, name, fields, transfer):
     eng = engine_for(comm)
     seq = eng.started()
     label = name or f"{kind}.{seq}"
-    signature = (("collective", kind), ("process set", eng.progress.members), ("name", name)) + fields
+    signature = (("collective", kind), ("process set", eng.progress.label), ("name", name)) + fields
 
     def job():
         if check.is_enabled():

@@ -4,6 +4,7 @@ ring messages of different collectives never match, handles finish once, process
 wait for each other."""
 import signal
 import threading
+import time
 import warnings
 
 import numpy
@@ -212,6 +213,18 @@ def test_two_threads_waiting_on_one_handle_finish_it_once(size):
             assert results[0].tolist() == [1.5 * (1.0 + i)] * 3
     finally:
         engine_mod.test_delay_s = 0.0
+
+
+def test_work_queued_behind_a_waited_handle_completes_without_a_waiter(size):
+    for i in range(50):
+        h1 = mpidp.allreduce_async(numpy.ones(4), op=mpidp.Sum, name="waited")
+        h2 = mpidp.allreduce_async(numpy.ones(4), op=mpidp.Sum, name="polled")
+        h1.wait()
+        deadline = time.monotonic() + 10
+        while not mpidp.poll(h2):  # Horovod's poll loop: nobody waits, the engine thread must run it
+            assert time.monotonic() < deadline, f"round {i}: a queued collective never ran"
+            time.sleep(0.001)
+        assert h2.wait().tolist() == [size] * 4
 
 
 def test_keyboard_interrupt_reaches_the_waiter_not_the_job_it_was_running(size):
