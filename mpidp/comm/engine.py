@@ -148,8 +148,8 @@ class Engine:
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
                 self._thread.start()
             self._queue.append((handle, fn))
-            if wake:
-                self._cv.notify()
+            if wake:  # all: a single wake-up may go to a waiter that cannot take this job
+                self._cv.notify_all()
         if test_delay_s:
             _jitter()
         return handle
