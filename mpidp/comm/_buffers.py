@@ -10,7 +10,7 @@ from .. import _env
 from ..backend.device import sync_before_mpi
 from ..backend.pinned import pool, staged
 from ..backend.xp import get_array_module, is_cupy, is_float_dtype
-from . import runtime
+from . import runtime, stall
 from .ops import HALF, mpi_type
 
 # Large host reductions go around a ring, in pieces: each rank sends a part of the piece to
@@ -34,7 +34,11 @@ from .ops import HALF, mpi_type
 DEFAULT_PIECE_BYTES = 2 << 20
 RING_FROM = 128 << 10
 MAX_COUNT = 1 << 30  # elements per MPI call: under 2^31 for MPIs without MPI-4 large counts
-_RING_TAG = 0x6D70  # mpidp's communicators are its own: no user message can match this
+# A ring's messages carry a tag from its collective's number on the communicator: messages of
+# different collectives never match, even when a ring was abandoned half-way on some rank.
+# mpidp's communicators are its own, so no user message can match either. MPI guarantees
+# tags up to 32767.
+TAG_SPACE = 32767
 _piece = _env.get("MPIDP_PIECE_BYTES") or DEFAULT_PIECE_BYTES
 
 
@@ -48,6 +52,11 @@ def set_piece_bytes(nbytes):
     """Set the piece size in bytes (0 restores the default)."""
     global _piece
     _piece = int(nbytes) or DEFAULT_PIECE_BYTES
+
+
+def ring_tag(seq):
+    """The tag of collective number ``seq``'s ring messages."""
+    return seq % TAG_SPACE
 
 
 def uses_ring(recv, ranks, ufunc):
@@ -101,7 +110,7 @@ def spec(a, count=None, displ=None):
     return [a, count, displ, mpi_type(a.dtype)]
 
 
-def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None, factor=1.0):
+def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None, factor=1.0, seq=0):
     """Allreduce 1-D ``recv`` (from ``send``, or in place when send is None) over ``comm``.
 
     Where ``uses_ring`` (``ufunc`` is the op's NumPy ufunc), the first ``size - size % ranks``
@@ -109,35 +118,54 @@ def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None, factor=1.0):
     small Allreduce; the ring also multiplies by ``factor`` each part it completes, while the
     part is in cache (an average costs no extra pass). Otherwise the message is Allreduce
     calls. Returns True when ``recv`` holds the scaled result, False when the caller must
-    still multiply by ``factor``.
+    still multiply by ``factor``. ``seq`` (the collective's number) tags the ring's messages.
+    NumPy's reductions here ignore the caller's ``numpy.seterr`` and warning filters: an
+    overflow gives inf on every rank, as MPI's own sum does, never an error on the one
+    rank that reduced that part.
     """
     n, ranks = recv.size, comm.Get_size()
     datatype = mpi_type(recv.dtype)
     body = n - n % ranks if uses_ring(recv, ranks, ufunc) else 0
-    if body:
-        source = recv if send is None else send
-        ring(comm, source[:body], [body // ranks] * ranks, datatype, ufunc, factor, whole=recv[:body])
-    step = max(1, min(MAX_COUNT, _piece // recv.itemsize)) if send is None else MAX_COUNT
-    for i in range(body, n, step):
-        source = MPI.IN_PLACE if send is None else [send[i:i + step], datatype]
-        comm.Allreduce(source, [recv[i:i + step], datatype], op=mpi_op)
-    if body:
-        scale(recv[body:], factor)
+    if not body and recv.dtype not in HALF:  # MPI's own reduction: no NumPy involved
+        step = max(1, min(MAX_COUNT, _piece // recv.itemsize)) if send is None else MAX_COUNT
+        for i in range(0, n, step):
+            source = MPI.IN_PLACE if send is None else [send[i:i + step], datatype]
+            comm.Allreduce(source, [recv[i:i + step], datatype], op=mpi_op)
+        return factor == 1.0
+    with numpy.errstate(all="ignore"):
+        if body:
+            source = recv if send is None else send
+            ring(comm, source[:body], [body // ranks] * ranks, datatype, ufunc, factor, whole=recv[:body],
+                 tag=ring_tag(seq))
+        step = max(1, min(MAX_COUNT, _piece // recv.itemsize)) if send is None else MAX_COUNT
+        for i in range(body, n, step):  # 16-bit floats: NumPy reduces them inside MPI's call
+            source = MPI.IN_PLACE if send is None else [send[i:i + step], datatype]
+            comm.Allreduce(source, [recv[i:i + step], datatype], op=mpi_op)
+            stall.tick()  # a piece done: slow, not stalled
+        if body:
+            scale(recv[body:], factor)
     return bool(body) or factor == 1.0
 
 
-def reduce_scatter_pieces(comm, send, recv, counts, mpi_op, ufunc=None, factor=1.0):
+def reduce_scatter_pieces(comm, send, recv, counts, mpi_op, ufunc=None, factor=1.0, seq=0):
     """Reduce-scatter 1-D ``send`` (rank k's part: ``counts[k]`` elements) into ``recv``: around
     the ring where ``uses_ring``, scaled on the way (returns True), else one MPI Reduce_scatter
-    (returns whether ``factor`` is 1, i.e. nothing is left for the caller to do)."""
+    (returns whether ``factor`` is 1, i.e. nothing is left for the caller to do). NumPy's
+    reductions ignore the caller's error state, as in ``allreduce_pieces``."""
     if uses_ring(send, comm.Get_size(), ufunc):
-        ring(comm, send, [int(c) for c in counts], mpi_type(send.dtype), ufunc, factor, mine=recv)
+        with numpy.errstate(all="ignore"):
+            ring(comm, send, [int(c) for c in counts], mpi_type(send.dtype), ufunc, factor, mine=recv,
+                 tag=ring_tag(seq))
         return True
-    comm.Reduce_scatter(spec(send), spec(recv), recvcounts=counts, op=mpi_op)
+    if send.dtype in HALF:  # NumPy reduces 16-bit floats inside MPI's call
+        with numpy.errstate(all="ignore"):
+            comm.Reduce_scatter(spec(send), spec(recv), recvcounts=counts, op=mpi_op)
+    else:
+        comm.Reduce_scatter(spec(send), spec(recv), recvcounts=counts, op=mpi_op)
     return factor == 1.0
 
 
-def ring(comm, x, counts, datatype, ufunc, factor=1.0, whole=None, mine=None):
+def ring(comm, x, counts, datatype, ufunc, factor=1.0, whole=None, mine=None, tag=0):
     """Reduce 1-D ``x`` over ``comm`` around the ring, in pieces, times ``factor``.
 
     ``x`` is every rank's part in rank order (``counts[k]`` elements for rank k). Rank k's
@@ -145,7 +173,7 @@ def ring(comm, x, counts, datatype, ufunc, factor=1.0, whole=None, mine=None):
     whole), every part ends in ``whole`` on every rank (an allreduce). Per piece, ranks - 1
     Sendrecv steps pass a partial sum on to the right neighbour, which adds its own data with
     ``ufunc``; part k is complete on rank k, scaled there, and (allreduce) ranks - 1 more
-    steps pass the complete parts on.
+    steps pass the complete parts on. Every message carries ``tag``.
     """
     ranks, me = comm.Get_size(), comm.Get_rank()
     left, right = (me - 1) % ranks, (me + 1) % ranks
@@ -156,6 +184,8 @@ def ring(comm, x, counts, datatype, ufunc, factor=1.0, whole=None, mine=None):
     acc = raw[share * x.itemsize:2 * share * x.itemsize].view(x.dtype)  # reduce-scatter's partial sums
     try:
         for lo in range(0, max(counts), share):
+            if lo:
+                stall.tick()  # a piece done: slow, not stalled
             part = [slice(starts[k] + min(lo, counts[k]), starts[k] + min(lo + share, counts[k]))
                     for k in range(ranks)]
             size = [p.stop - p.start for p in part]
@@ -167,13 +197,13 @@ def ring(comm, x, counts, datatype, ufunc, factor=1.0, whole=None, mine=None):
             for step in range(ranks - 1):
                 out, into = (me - step - 1) % ranks, (me - step - 2) % ranks
                 arrived = got[:size[into]]
-                comm.Sendrecv([x[part[out]] if step == 0 else partial(out), datatype], right, _RING_TAG,
-                              [arrived, datatype], left, _RING_TAG)
+                comm.Sendrecv([x[part[out]] if step == 0 else partial(out), datatype], right, tag,
+                              [arrived, datatype], left, tag)
                 ufunc(arrived, x[part[into]], out=done if step == ranks - 2 else partial(into))
             scale(done, factor)
             for step in range(ranks - 1 if whole is not None else 0):  # allgather the complete parts
-                comm.Sendrecv([whole[part[(me - step) % ranks]], datatype], right, _RING_TAG,
-                              [whole[part[(me - step - 1) % ranks]], datatype], left, _RING_TAG)
+                comm.Sendrecv([whole[part[(me - step) % ranks]], datatype], right, tag,
+                              [whole[part[(me - step - 1) % ranks]], datatype], left, tag)
     finally:
         pool.release(raw)
 

@@ -1,12 +1,34 @@
-"""Cheap cross-rank agreement check: one 16-byte allreduce, details only when ranks differ."""
+"""Cheap cross-rank agreement check: one 16-byte allreduce, details only when ranks differ.
+
+Every collective starts with it, so ranks that are about to run different collectives
+(an allreduce here, an allgather there) meet in the same MPI call and all raise
+MismatchError instead of hanging in different ones.
+"""
 import hashlib
 
 import numpy
 from mpi4py import MPI
 
+from .. import _env
 from ..errors import MismatchError, describe_ranks
+from . import engine as _engine
 
 _MASK = (1 << 62) - 1
+_MIX = 0x9E3779B97F4A7C15  # spreads the sequence number over all 62 bits
+
+
+_enabled = _env.get("MPIDP_CHECK")
+
+
+def is_enabled():
+    return _enabled
+
+
+def set_enabled(enabled):
+    """Turn the check of every collective on or off (every rank alike); returns the old setting."""
+    global _enabled
+    old, _enabled = _enabled, bool(enabled)
+    return old
 
 
 _known = {}  # signature -> fingerprint: training repeats the same few signatures every step
@@ -27,14 +49,30 @@ def fingerprint(signature):
 def agree(comm, collective, name, signature, advice=None):
     """Raise MismatchError on every rank unless all ranks pass an equal ``signature``.
 
-    ``signature`` is a tuple of (field, value) pairs in a fixed order.
+    ``signature`` is a tuple of (field, value) pairs in a fixed order. Called from any
+    thread: the check runs as a job of ``comm``'s engine, in order behind everything
+    queued there (inside one of its jobs, at once, as part of that job).
     """
-    h = fingerprint(signature)
+    eng = _engine.engine_for(comm)
+    seq = eng.started()
+    signature = (("collective", collective),) + tuple(signature)
+    eng.run(lambda: compare(comm, collective, name, signature, seq, advice), f"{collective} check", seq)
+
+
+def compare(comm, collective, name, signature, seq, advice=None):
+    """The check itself, for code running as a job of ``comm``'s engine: ``signature`` and the
+    communicator's sequence number ``seq`` must be equal on every rank."""
+    eng = _engine.current()
+    if eng is None or eng.comm is not comm:
+        raise RuntimeError(f"mpidp internal error: the {collective} check of {name!r} ran outside the "
+                           f"engine of its communicator; route it through engine_for(comm).run()")
+    h = fingerprint(signature) ^ ((seq * _MIX) & _MASK)
     both = numpy.array([h, -h], dtype=numpy.int64)
     comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MIN)
     if both[0] == h and -both[1] == h:
         return
-    rows = comm.allgather((name, signature))  # the rare path: gather what each rank passed
+    # the rare path: gather what each rank passed
+    rows = comm.allgather((name, tuple(signature) + (("sequence number", seq),)))
     raise mismatch_error(collective, rows, comm, advice)
 
 
@@ -52,6 +90,9 @@ def mismatch_error(collective, rows, comm, advice=None):
         field, values = "name", names
     tensor = names[ranks[0]]
     label = tensor if len(set(names.values())) == 1 else describe_ranks(names)
+    if field == "sequence number":
+        advice = ("a rank started a collective on this communicator that the others did not (one that "
+                  "raised on that rank alone counts too), or skipped one")
     advice = advice or (f"every rank must call the same collectives in the same order "
                         f"with the same {field}")
     return MismatchError(

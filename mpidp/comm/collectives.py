@@ -1,35 +1,74 @@
 """Collectives on NumPy and CuPy arrays, with Horovod's names and semantics.
 
-Each collective has one private core that validates its input (before any
-communication), stages device data, and returns a Handle from the engine;
-the public blocking, in-place and ``_async`` names are one-line wrappers.
+Each collective has one private core that validates its input (everything that
+can fail locally fails here, before any communication), stages device data,
+and hands its communicator's engine a job: the cross-rank check of its
+signature, then the transfer. The public blocking, in-place and ``_async``
+names are one-line wrappers.
+
+Once the ranks have agreed to run a collective, an exception on one rank would
+leave the others waiting inside MPI for ever: it ends the whole job at once,
+with its traceback (``_fatal``).
 """
 import math
 
 import numpy
 
-from .. import _env
 from ..backend.xp import asnumpy, get_array_module
-from . import check, dlpack as _dlpack, stall
+from . import _buffers, _fatal, check, dlpack as _dlpack
 from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, scale,
                        spec, uses_ring)
-from .engine import Handle, engine
+from .engine import Handle, engine_for
 from .ops import Average, Sum, as_op, check_dtype, check_reduction, dtype_name, mpi_op
 from .process_set import resolve
 
-_check_enabled = _env.get("MPIDP_CHECK")
-
-
 def set_check(enabled):
     """Turn the cross-rank mismatch check on or off (every rank alike); returns the old setting."""
-    global _check_enabled
-    old, _check_enabled = _check_enabled, bool(enabled)
-    return old
+    return check.set_enabled(enabled)
 
 
-def _agree(comm, collective, name, signature):
-    if _check_enabled:
-        check.agree(comm, collective, name, signature)
+def _begin(process_set, kind, name):
+    """(set, communicator, its engine, this collective's number, display name) for a new collective."""
+    ps, comm = resolve(process_set)
+    eng = engine_for(comm)
+    seq = eng.started()
+    return ps, comm, eng, seq, name or f"{kind}.{seq}"
+
+
+def _signature(eng, kind, name, *fields):
+    """The checked fields: kind, process set and the caller's name (auto-names are kind.seq, and
+    the sequence number is checked with every signature), then the collective's own fields."""
+    return (("collective", kind), ("process set", eng.progress.label), ("name", name)) + fields
+
+
+def _job(comm, kind, name, signature, seq, body):
+    """The engine's job: agree on ``signature`` (MismatchError on every rank), then ``body``."""
+    def run():
+        if check.is_enabled():
+            check.compare(comm, kind, name, signature, seq)
+        try:
+            return body()
+        except BaseException as exc:
+            _fatal.after_agreement(comm, f"{kind} of tensor {name!r}", exc)
+    return run
+
+
+def _writable(x, name, what):
+    if not getattr(x.flags, "writeable", True):
+        raise ValueError(f"{what} of tensor {name!r} writes its result into the array, which is "
+                         f"read-only; pass a writable array or use the out-of-place call")
+
+
+def _release(*staged):
+    """Give staging buffers back (a collective that raised); None when nothing is staged."""
+    if all(s is None or s.host is s.array for s in staged):
+        return None
+
+    def release():
+        for s in staged:
+            if s is not None:
+                s.finish(copy_out=False)
+    return release
 
 
 def _array(x, name, what):
@@ -43,10 +82,10 @@ def _array(x, name, what):
     return x
 
 
-def _launch(blocking, run, name, seq, finish, wake=True):
+def _launch(eng, blocking, run, name, seq, finish, release=None, wake=True):
     if blocking:
-        return engine.run(run, name, seq, finish)
-    return engine.submit(run, name, seq, finish, wake)
+        return eng.run(run, name, seq, finish, release)
+    return eng.submit(run, name, seq, finish, wake, release)
 
 
 def _copy(xp, x):
@@ -56,13 +95,15 @@ def _copy(xp, x):
     return out
 
 
-def _path(buf, comm, op):
+def _path(buf, comm, op, inplace=False):
     """How ``buf`` will be reduced. It is part of the checked signature: ranks that would take
-    different paths (host memory on one, device memory under a CUDA-aware MPI on another)
-    raise MismatchError instead of waiting for each other in different calls."""
+    different paths (host memory on one, device memory under a CUDA-aware MPI on another, or
+    one MPI call out of place against pieces in place) raise MismatchError instead of waiting
+    for each other in different calls."""
     if uses_ring(flat(buf), comm.Get_size(), op.ufunc):
         return "ring (host memory)"
-    return "MPI" if isinstance(buf, numpy.ndarray) else "MPI (device memory)"
+    where = "MPI" if isinstance(buf, numpy.ndarray) else "MPI (device memory)"
+    return where + ", in place" if inplace else where
 
 
 # --- allreduce --------------------------------------------------------------------------------
@@ -70,13 +111,15 @@ def _path(buf, comm, op):
 def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
                     wake=True):
     op = as_op(op)
-    _, comm = resolve(process_set)
-    seq = stall.started()
-    name = name or f"allreduce.{seq}"
+    given = name
+    _, comm, eng, seq, name = _begin(process_set, "allreduce", name)
     x = _array(x, name, "allreduce")
     check_reduction(op, x.dtype, f"allreduce of tensor {name!r}", prescale_factor != 1 or postscale_factor != 1)
+    if inplace:
+        _writable(x, name, "allreduce_")
     xp = get_array_module(x)
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
+    mop = mpi_op(op, x.dtype)
     if inplace or prescale_factor != 1.0:  # reduce in place in a contiguous work array
         work = x if (inplace and x.flags.c_contiguous) else _copy(xp, x)
         scale(work, prescale_factor)
@@ -85,14 +128,14 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
         send = Staged(xp.ascontiguousarray(x))
         recv = Staged(empty_result(xp, x.shape, x.dtype), copy_in=False)
         work = recv.array
-    signature = (("op", op.name), ("dtype", dtype_name(x.dtype)), ("shape", x.shape),
-                 ("path", _path(recv.host, comm, op)))
-    mop = mpi_op(op, x.dtype)
+    signature = _signature(eng, "allreduce", given, ("op", op.name), ("dtype", dtype_name(x.dtype)),
+                           ("shape", x.shape), ("path", _path(recv.host, comm, op, send is None)),
+                           ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
+                           ("piece bytes", _buffers.piece_bytes()))
 
-    def run():
-        _agree(comm, "allreduce", name, signature)
+    def body():
         return allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop,
-                                op.ufunc, post)
+                                op.ufunc, post, seq)
 
     def finish(scaled):
         if send is not None:
@@ -105,7 +148,8 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
             return x
         return work
 
-    return _launch(blocking, run, name, seq, finish, wake)
+    return _launch(eng, blocking, _job(comm, "allreduce", name, signature, seq, body), name, seq, finish,
+                   _release(send, recv), wake)
 
 
 def fused_allreduce_async_(x, name, process_set=None, wake=True, postscale_factor=1.0):
@@ -145,16 +189,15 @@ def allreduce_async_(x, op=Average, name=None, prescale_factor=1.0, postscale_fa
 
 def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking):
     op = as_op(op)
-    _, comm = resolve(process_set)
-    seq = stall.started()
-    name = name or f"grouped_allreduce.{seq}"
+    given = name
+    _, comm, eng, seq, name = _begin(process_set, "grouped_allreduce", name)
     tensors = [_array(t, f"{name}[{i}]", "grouped_allreduce") for i, t in enumerate(tensors)]
-    if not tensors:
-        return _launch(blocking, lambda: None, name, seq, lambda _: [])
     for i, t in enumerate(tensors):
         check_reduction(op, t.dtype, f"grouped_allreduce of tensor {name}[{i}]",
                         prescale_factor != 1 or postscale_factor != 1)
-    xp = get_array_module(*tensors)
+        if inplace:
+            _writable(t, f"{name}[{i}]", "grouped_allreduce_")
+    xp = get_array_module(*tensors) if tensors else numpy
     groups = {}  # dtype -> indices, in order of first appearance
     for i, t in enumerate(tensors):
         groups.setdefault(t.dtype, []).append(i)
@@ -174,12 +217,14 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
         scale(fused.host, prescale_factor)
         buffers.append((dtype, idx, fused))
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
-    signature = (("op", op.name), ("tensors", tuple((dtype_name(t.dtype), tuple(t.shape)) for t in tensors)),
-                 ("path", tuple(_path(fused.host, comm, op) for _, _, fused in buffers)))
+    signature = _signature(eng, "grouped_allreduce", given, ("op", op.name),
+                           ("tensors", tuple((dtype_name(t.dtype), tuple(t.shape)) for t in tensors)),
+                           ("path", tuple(_path(fused.host, comm, op, True) for _, _, fused in buffers)),
+                           ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
+                           ("piece bytes", _buffers.piece_bytes()))
 
-    def run():
-        _agree(comm, "grouped_allreduce", name, signature)
-        return [allreduce_pieces(comm, None, fused.host, mpi_op(op, dtype), op.ufunc, post)
+    def body():
+        return [allreduce_pieces(comm, None, fused.host, mpi_op(op, dtype), op.ufunc, post, seq)
                 for dtype, _, fused in buffers]
 
     def finish(scaled):
@@ -200,7 +245,8 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
                 offset += t.size
         return out
 
-    return _launch(blocking, run, name, seq, finish)
+    return _launch(eng, blocking, _job(comm, "grouped_allreduce", name, signature, seq, body), name, seq,
+                   finish, _release(*(fused for _, _, fused in buffers)))
 
 
 def grouped_allreduce(tensors, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0,
@@ -223,28 +269,22 @@ def grouped_allreduce_async(tensors, op=Average, name=None, prescale_factor=1.0,
 # --- allgather ----------------------------------------------------------------------------------
 
 def _allgather_core(x, name, process_set, blocking):
-    _, comm = resolve(process_set)
-    seq = stall.started()
-    name = name or f"allgather.{seq}"
+    given = name
+    _, comm, eng, seq, name = _begin(process_set, "allgather", name)
     x = _array(x, name, "allgather")
     xp = get_array_module(x)
     x = xp.ascontiguousarray(x.reshape(1) if x.ndim == 0 else x)
     rows, tail = x.shape[0], tuple(x.shape[1:])
     row = math.prod(tail)
-    signature = (("dtype", dtype_name(x.dtype)), ("shape[1:]", tail))
-    fp = check.fingerprint(signature)
+    signature = _signature(eng, "allgather", given, ("dtype", dtype_name(x.dtype)), ("shape[1:]", tail))
     send = Staged(x)
 
-    def run():
-        n = comm.Get_size()
-        meta = numpy.array([rows, fp], dtype=numpy.int64)
-        table = numpy.empty((n, 2), dtype=numpy.int64)
-        comm.Allgather(meta, table)  # row counts, and the check for free
-        if (table[:, 1] != fp).any():
-            raise check.mismatch_error("allgather", comm.allgather((name, signature)), comm)
-        counts = table[:, 0] * row
+    def body():
+        table = numpy.empty(comm.Get_size(), dtype=numpy.int64)
+        comm.Allgather(numpy.array([rows], dtype=numpy.int64), table)  # every rank's row count
+        counts = table * row
         displs = numpy.concatenate(([0], numpy.cumsum(counts)[:-1]))
-        out = empty_result(numpy, (int(table[:, 0].sum()),) + tail, x.dtype)
+        out = empty_result(numpy, (int(table.sum()),) + tail, x.dtype)
         comm.Allgatherv(spec(flat(send.host)), spec(flat(out), counts, displs))
         return out
 
@@ -252,7 +292,8 @@ def _allgather_core(x, name, process_set, blocking):
         send.finish(copy_out=False)
         return out if xp is numpy else xp.asarray(out)
 
-    return _launch(blocking, run, name, seq, finish)
+    return _launch(eng, blocking, _job(comm, "allgather", name, signature, seq, body), name, seq, finish,
+                   _release(send))
 
 
 def allgather(x, name=None, process_set=None):
@@ -267,18 +308,19 @@ def allgather_async(x, name=None, process_set=None):
 # --- broadcast ----------------------------------------------------------------------------------
 
 def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
-    ps, comm = resolve(process_set)
+    given = name
+    ps, comm, eng, seq, name = _begin(process_set, "broadcast", name)
     root = ps.to_local(int(root_rank))
-    seq = stall.started()
-    name = name or f"broadcast.{seq}"
     x = _array(x, name, "broadcast")
+    if inplace:
+        _writable(x, name, "broadcast_")
     xp = get_array_module(x)
     work = x if (inplace and x.flags.c_contiguous) else _copy(xp, x)
+    signature = _signature(eng, "broadcast", given, ("root_rank", int(root_rank)), ("dtype", dtype_name(x.dtype)),
+                           ("shape", tuple(x.shape)))
     buf = Staged(work, copy_in=comm.Get_rank() == root)
-    signature = (("root_rank", int(root_rank)), ("dtype", dtype_name(x.dtype)), ("shape", tuple(x.shape)))
 
-    def run():
-        _agree(comm, "broadcast", name, signature)
+    def body():
         bcast_pieces(comm, flat(buf.host), root)
 
     def finish(_):
@@ -288,7 +330,8 @@ def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
             return x
         return work
 
-    return _launch(blocking, run, name, seq, finish)
+    return _launch(eng, blocking, _job(comm, "broadcast", name, signature, seq, body), name, seq, finish,
+                   _release(buf))
 
 
 def broadcast(x, root_rank, name=None, process_set=None):
@@ -312,10 +355,9 @@ def broadcast_async_(x, root_rank, name=None, process_set=None):
 # --- alltoall -----------------------------------------------------------------------------------
 
 def _alltoall_core(x, splits, name, process_set, blocking):
-    _, comm = resolve(process_set)
+    given = name
+    _, comm, eng, seq, name = _begin(process_set, "alltoall", name)
     n = comm.Get_size()
-    seq = stall.started()
-    name = name or f"alltoall.{seq}"
     x = _array(x, name, "alltoall")
     if x.ndim == 0:
         raise ValueError(f"alltoall of tensor {name!r} needs at least one dimension to split, got a 0-d array")
@@ -332,11 +374,10 @@ def _alltoall_core(x, splits, name, process_set, blocking):
                              f"non-negative entries summing to the first dimension {rows}")
     xp = get_array_module(x)
     row = math.prod(tail)
+    signature = _signature(eng, "alltoall", given, ("dtype", dtype_name(x.dtype)), ("shape[1:]", tail))
     send = Staged(xp.ascontiguousarray(x))
-    signature = (("dtype", dtype_name(x.dtype)), ("shape[1:]", tail))
 
-    def run():
-        _agree(comm, "alltoall", name, signature)
+    def body():
         received = numpy.empty(n, dtype=numpy.int64)
         comm.Alltoall(splits, received)
         out = empty_result(numpy, (int(received.sum()),) + tail, x.dtype)
@@ -351,7 +392,8 @@ def _alltoall_core(x, splits, name, process_set, blocking):
         out, received = result
         return (out if xp is numpy else xp.asarray(out)), received
 
-    return _launch(blocking, run, name, seq, finish)
+    return _launch(eng, blocking, _job(comm, "alltoall", name, signature, seq, body), name, seq, finish,
+                   _release(send))
 
 
 def alltoall(x, splits=None, name=None, process_set=None):
@@ -367,10 +409,9 @@ def alltoall_async(x, splits=None, name=None, process_set=None):
 
 def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_factor, blocking):
     op = as_op(op)
-    _, comm = resolve(process_set)
+    given = name
+    _, comm, eng, seq, name = _begin(process_set, "reducescatter", name)
     n, me = comm.Get_size(), comm.Get_rank()
-    seq = stall.started()
-    name = name or f"reducescatter.{seq}"
     x = _array(x, name, "reducescatter")
     if x.ndim == 0:
         raise ValueError(f"reducescatter of tensor {name!r} needs at least one dimension, got a 0-d array")
@@ -381,19 +422,20 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
     base, extra = divmod(rows, n)
     mine = base + (me < extra)  # the first ``extra`` ranks get one row more
     counts = numpy.array([(base + (r < extra)) * row for r in range(n)], dtype=numpy.int64)
+    mop = mpi_op(op, x.dtype)
     work = _copy(xp, x) if prescale_factor != 1 else xp.ascontiguousarray(x)
     scale(work, prescale_factor)
+    post = postscale_factor / n if op is Average else postscale_factor
     send = Staged(work)
     recv = Staged(empty_result(xp, (mine,) + tail, x.dtype), copy_in=False)
-    post = postscale_factor / n if op is Average else postscale_factor
-    signature = (("op", op.name), ("dtype", dtype_name(x.dtype)), ("shape", tuple(x.shape)),
-                 ("path", _path(send.host, comm, op)))
-    mop = mpi_op(op, x.dtype)
+    signature = _signature(eng, "reducescatter", given, ("op", op.name), ("dtype", dtype_name(x.dtype)),
+                           ("shape", tuple(x.shape)), ("path", _path(send.host, comm, op)),
+                           ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
+                           ("piece bytes", _buffers.piece_bytes()))
 
-    def run():
-        _agree(comm, "reducescatter", name, signature)
+    def body():
         return not rows or reduce_scatter_pieces(comm, flat(send.host), flat(recv.host), counts, mop, op.ufunc,
-                                                 post)
+                                                 post, seq)
 
     def finish(scaled):
         send.finish(copy_out=False)
@@ -402,7 +444,8 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
             scale(out, post)
         return out
 
-    return _launch(blocking, run, name, seq, finish)
+    return _launch(eng, blocking, _job(comm, "reducescatter", name, signature, seq, body), name, seq, finish,
+                   _release(send, recv))
 
 
 def reducescatter(x, op=Average, name=None, process_set=None, prescale_factor=1.0, postscale_factor=1.0):
@@ -419,9 +462,8 @@ def reducescatter_async(x, op=Average, name=None, process_set=None, prescale_fac
 
 def barrier(process_set=None):
     """Wait until every rank (of the set) gets here."""
-    _, comm = resolve(process_set)
-    seq = stall.started()
-    engine.run(comm.Barrier, f"barrier.{seq}", seq)
+    _, comm, eng, seq, name = _begin(process_set, "barrier", None)
+    eng.run(_job(comm, "barrier", name, _signature(eng, "barrier", None), seq, comm.Barrier), name, seq)
 
 
 def synchronize(handle):

@@ -1,22 +1,38 @@
 """Python-object collectives; pickled out of band (mpi4py.util.pkl5) so objects over 2 GiB work."""
 from mpi4py.util import pkl5
 
-from . import stall
-from .engine import engine
+from . import _fatal, check
+from .engine import engine_for
 from .process_set import resolve
+
+
+def _run(process_set, kind, name, fields, transfer):
+    """Check ``fields`` across the ranks, then ``transfer(comm)``, as one job in order."""
+    ps, comm = resolve(process_set)
+    eng = engine_for(comm)
+    seq = eng.started()
+    label = name or f"{kind}.{seq}"
+    signature = (("collective", kind), ("process set", eng.progress.label), ("name", name)) + fields
+
+    def job():
+        if check.is_enabled():
+            check.compare(comm, kind, label, signature, seq)
+        try:
+            return transfer(pkl5.Intracomm(comm))
+        except BaseException as exc:
+            _fatal.after_agreement(comm, f"{kind} of {label!r}", exc)
+
+    return eng.run(job, label, seq)
 
 
 def broadcast_object(obj, root_rank=0, name=None, process_set=None):
     """``root_rank``'s ``obj`` on every rank."""
-    ps, comm = resolve(process_set)
+    ps, _ = resolve(process_set)
     root = ps.to_local(int(root_rank))
-    seq = stall.started()
-    return engine.run(lambda: pkl5.Intracomm(comm).bcast(obj, root=root),
-                      name or f"broadcast_object.{seq}", seq)
+    return _run(process_set, "broadcast_object", name, (("root_rank", int(root_rank)),),
+                lambda c: c.bcast(obj, root=root))
 
 
 def allgather_object(obj, name=None, process_set=None):
     """A list with every rank's ``obj``, in rank order."""
-    _, comm = resolve(process_set)
-    seq = stall.started()
-    return engine.run(lambda: pkl5.Intracomm(comm).allgather(obj), name or f"allgather_object.{seq}", seq)
+    return _run(process_set, "allgather_object", name, (), lambda c: c.allgather(obj))
