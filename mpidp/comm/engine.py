@@ -223,6 +223,11 @@ class Engine:
             while self._queue or self._busy:
                 self._cv.wait()
 
+    def idle(self):
+        """True when nothing is queued or running."""
+        with self._cv:
+            return not self._queue and not self._busy
+
     def stop(self):
         """Run what is queued, then end the engine thread (a later submit starts a new one)."""
         with self._cv:
@@ -353,6 +358,15 @@ def engines():
     """Every engine bound to a communicator (the main one first)."""
     with _lock:
         return sorted(set(_by_comm.values()), key=lambda e: e is not _main)
+
+
+def release(comm):
+    """Run what is queued on ``comm`` and end its engine (before the communicator is freed)."""
+    with _lock:
+        eng = _by_comm.pop(id(comm), None)
+    if eng is not None and eng is not _main:
+        eng.stop()
+        stall.untrack(eng.progress)
 
 
 def stop_all():

@@ -3,27 +3,31 @@
 The tensors' collectives are queued back to back, so no other collective of
 this process runs between them, and every rank issues them in list order.
 """
-from . import collectives, stall
+from . import collectives
 from .dlpack import grouped_op
-from .engine import engine
+from .engine import engine_for
 from .ops import Average
+from .process_set import resolve
 
 
-def _group(kind, tensors, name, start):
-    """Queue ``start(tensor, name)`` for each tensor; one Handle whose result is the list of results."""
-    seq = stall.started()
+def _group(kind, tensors, name, process_set, start):
+    """Queue ``start(tensor, name)`` for each tensor on the set's engine; one Handle whose result
+    is the list of results. The group is numbered on its own communicator, like every collective."""
+    _, comm = resolve(process_set)
+    eng = engine_for(comm)
+    seq = eng.started()
     name = name or f"{kind}.{seq}"
     handles = [start(t, f"{name}[{i}]") for i, t in enumerate(tensors)]
-    return engine.submit(lambda: None, name, seq, lambda _: [h.wait() for h in handles])
+    return eng.submit(lambda: None, name, seq, lambda _: [h.wait() for h in handles])
 
 
 def _allgather(tensors, name, process_set):
-    return _group("grouped_allgather", tensors, name,
+    return _group("grouped_allgather", tensors, name, process_set,
                   lambda t, n: collectives.allgather_async(t, name=n, process_set=process_set))
 
 
 def _reducescatter(tensors, op, name, process_set, prescale_factor, postscale_factor):
-    return _group("grouped_reducescatter", tensors, name,
+    return _group("grouped_reducescatter", tensors, name, process_set,
                   lambda t, n: collectives.reducescatter_async(t, op, n, process_set, prescale_factor,
                                                                postscale_factor))
 

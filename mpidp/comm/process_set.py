@@ -2,6 +2,7 @@
 from mpi4py import MPI
 
 from . import check, runtime
+from .engine import release
 
 _created = []
 
@@ -137,6 +138,7 @@ def remove_process_set(process_set):
     def free():  # behind every queued collective, so nothing queued still uses the communicator
         check.agree(world, "remove_process_set", "process_set", (("ranks", tuple(process_set.ranks)),))
         if process_set.comm is not None:
+            release(process_set.comm)  # what is queued on the set runs first; its engine ends
             process_set.comm.Free()
 
     runtime._in_order(free, f"remove_process_set({process_set.ranks})")

@@ -90,6 +90,8 @@ def shutdown():
     if timeline.enabled():
         timeline.save()
     _in_order(lambda: None, "shutdown: collectives in flight")  # they complete, watched by the inspector
+    from .engine import stop_all
+    stop_all()  # every communicator's queue runs out and its engine thread ends before any free
     stall.stop()
     _abort.uninstall()
 
@@ -141,8 +143,9 @@ def _leave_child():
 def _exit_without_shutdown():
     """At exit without shutdown(): finish what is in flight, then wait for the peers to exit too,
     or abort so none hangs (both within MPIDP_EXIT_TIMEOUT_S)."""
-    from .engine import engine
+    from .engine import engine, engines
     comm = _state.comm
+    others = [e for e in engines() if e is not engine]  # process sets' queues finish too
     deadline = time.monotonic() + _env.get("MPIDP_EXIT_TIMEOUT_S")
 
     def barrier():
@@ -156,7 +159,7 @@ def _exit_without_shutdown():
 
     # the engine thread runs the queue and then the barrier (MPI from one thread, in order)
     done = engine.submit(barrier, "exit barrier", stall.started())
-    while not done.done():
+    while not (done.done() and all(e.idle() for e in others)):
         if time.monotonic() > deadline:
             _give_up(comm, "did not finish the collectives in flight")
         time.sleep(0.001)

@@ -13,8 +13,7 @@ import numpy
 from .. import _env
 from ..backend.pinned import empty_host
 from ..backend.xp import get_array_module
-from ..comm import check, collectives, ops, process_set as _ps, stall
-from ..comm.engine import engine
+from ..comm import check, collectives, ops, process_set as _ps
 from ..errors import MpidpError
 from ..fusion import Bucket, Compression, ReadyCounts, buffer_kind, plan_buckets, signature
 from .. import timeline
@@ -41,10 +40,10 @@ def fusion_threshold():
 
 
 def agree_in_order(comm, owner, signature, advice):
-    """The cross-rank plan check, run by the engine behind every collective queued before it: a
-    metric allreduce still in flight must not meet the check's allreduce from another thread."""
-    seq = stall.started()
-    engine.run(lambda: check.agree(comm, owner, "gradients", signature, advice), f"{owner} plan check", seq)
+    """The cross-rank plan check, run by ``comm``'s engine behind every collective queued there
+    before it (a metric allreduce still in flight must not meet the check from another thread),
+    and numbered on ``comm``: a process set's plan check leaves the other ranks' numbering alone."""
+    check.agree(comm, owner, "gradients", signature, advice)
 
 
 def _arena(xp, count, dtype):

@@ -43,6 +43,23 @@ def test_shutdown_with_handles_in_flight_drains_them(tmp_path):
     assert "double free" not in out
 
 
+def test_shutdown_with_process_set_handles_in_flight_drains_them(tmp_path):
+    # each process set has its own engine thread: shutdown must let it finish before freeing
+    rc, out, seconds = job(tmp_path, """
+        for round in range(4):
+            mpidp.init()
+            ps = mpidp.add_process_set([0, 1])
+            handles = [mpidp.allreduce_async(numpy.full(1 << 20, float(i)), op=mpidp.Sum, name=f"s{i}",
+                                             process_set=ps) for i in range(6)] if ps.included() else []
+            mpidp.shutdown()
+            values = [h.wait()[0] for h in handles]
+            assert values == [i * 2.0 for i in range(len(handles))], values
+        print(f"rank {r} done", flush=True)
+    """, np=3)
+    assert rc == 0 and seconds < 40, out[-3000:]
+    assert all(f"rank {k} done" in out for k in range(3))
+
+
 def test_exit_without_shutdown_with_handles_in_flight(tmp_path):
     for attempt in range(3):
         rc, out, seconds = job(tmp_path, """
