@@ -1,0 +1,120 @@
+"""Topology-aware (hierarchical) allreduce for jobs on more than one node.
+
+A flat ring sends every byte across the slow inter-node link as often as across shared
+memory. Here each node first reduce-scatters the message over shared memory, so local
+rank j holds its node's sum of a share; the ranks holding the same share on every node
+(a *channel*) allreduce it across the nodes, all channels at once, so every rank of a
+node drives its own link traffic; then each node allgathers the shares over shared
+memory. The message goes in chunks, pipelined: while chunk k crosses the network
+(a nonblocking Iallreduce per channel), the node reduce-scatters chunk k + 1 and
+allgathers chunk k - 1, and MPI's progress inside those blocking calls keeps chunk k
+moving.
+
+Uneven layouts (2 + 1 ranks) work: the message splits into as many channel shares as
+the largest node has ranks, and a rank on a smaller node owns a contiguous run of
+channels (channel c belongs to local rank ``c * local_size // channels``), so it takes
+part in several channel communicators. Each element is reduced in one fixed order: by
+one rank of its node (reduce-scatter), then among its channel's members, whose MPI
+allreduce gives each member the same bits, then copied; so every rank ends with the same
+bits.
+"""
+import math
+
+import numpy
+from mpi4py import MPI
+
+from ..backend.pinned import pool
+from ._buffers import piece_bytes, reduce_scatter_pieces, scale
+from .ops import mpi_type
+
+
+class Topology:
+    """Which ranks share a node, and the channel communicators across the nodes (collective over ``comm``).
+
+    ``local`` holds the ranks of this rank's node (any split works: tests fake nodes
+    by splitting one host's ranks). Channel communicators are created here, once.
+    """
+
+    def __init__(self, comm, local):
+        self.comm, self.local = comm, local
+        first = local.allreduce(comm.Get_rank(), op=MPI.MIN)  # a node is named by its lowest rank
+        firsts = comm.allgather(first)
+        nodes = sorted(set(firsts))
+        self.node_sizes = tuple(firsts.count(f) for f in nodes)
+        self.node, self.nodes = nodes.index(first), len(nodes)
+        self.channels = max(self.node_sizes)
+        ranks, me = local.Get_size(), local.Get_rank()
+        # channel c belongs to local rank c * ranks // channels: a contiguous run per rank, one each when even
+        self.owner = [c * ranks // self.channels for c in range(self.channels)]
+        self.owned = [c for c in range(self.channels) if self.owner[c] == me]
+        self.channel_comms = []
+        if self.nodes == 1:
+            return
+        if len(set(self.node_sizes)) == 1:
+            self.channel_comms = [comm.Split(me, self.node)]
+        else:
+            for c in range(self.channels):
+                cc = comm.Split(0 if c in self.owned else MPI.UNDEFINED, self.node)
+                if cc != MPI.COMM_NULL:
+                    self.channel_comms.append(cc)
+
+    @property
+    def even(self):
+        return len(set(self.node_sizes)) == 1
+
+    def describe(self):
+        """The layout as 'nodes x ranks' or '2+1', for path labels and benchmark output."""
+        sizes = self.node_sizes
+        return f"{len(sizes)}x{sizes[0]}" if self.even else "+".join(map(str, sizes))
+
+    def free(self):
+        for cc in self.channel_comms:
+            cc.Free()
+        self.channel_comms = []
+
+
+def chunk_elements(topo, itemsize):
+    """Elements per pipelined chunk: one piece per channel share."""
+    return topo.channels * max(1, piece_bytes() // itemsize)
+
+
+def allreduce(topo, send, recv, mpi_op, ufunc=None, factor=1.0):
+    """Allreduce 1-D ``recv`` (from ``send``, or in place when send is None) over ``topo.comm``,
+    times ``factor``; returns True (the factor is applied)."""
+    n, itemsize = recv.size, recv.itemsize
+    datatype = mpi_type(recv.dtype)
+    chunk = chunk_elements(topo, itemsize)
+    local, me = topo.local, topo.local.Get_rank()
+    share = math.ceil(min(chunk, n) / topo.channels) * len(topo.owned)  # most elements this rank holds per chunk
+    raw = pool.acquire(2 * max(1, share) * itemsize)
+    scratch = [raw[i * share * itemsize:(i + 1) * share * itemsize].view(recv.dtype) for i in (0, 1)]
+    pending = None
+    try:
+        for k, lo in enumerate(range(0, n, chunk)):
+            hi = min(n, lo + chunk)
+            bounds = [(hi - lo) * c // topo.channels for c in range(topo.channels + 1)]
+            ends = [bounds[c + 1] for c in range(topo.channels) if c + 1 == topo.channels
+                    or topo.owner[c + 1] != topo.owner[c]]  # where each local rank's run of shares ends
+            displs = [0] + ends[:-1]
+            counts = [e - d for d, e in zip(displs, ends)]
+            mine = scratch[k % 2][:counts[me]]
+            source = recv[lo:hi] if send is None else send[lo:hi]
+            reduce_scatter_pieces(local, source, mine, counts, mpi_op, ufunc)
+            requests = [cc.Iallreduce(MPI.IN_PLACE, [mine[bounds[c] - displs[me]:bounds[c + 1] - displs[me]], datatype],
+                                      op=mpi_op)
+                        for c, cc in zip(topo.owned, topo.channel_comms)]
+            if pending is not None:
+                _gather(local, *pending, datatype, factor)
+            pending = (requests, mine, recv[lo:hi], counts, displs)
+        if pending is not None:
+            _gather(local, *pending, datatype, factor)
+    finally:
+        pool.release(raw)
+    return True
+
+
+def _gather(local, requests, mine, out, counts, displs, datatype, factor):
+    """Wait for a chunk's channel allreduces, scale this rank's shares, allgather the chunk in the node."""
+    MPI.Request.Waitall(requests)
+    scale(mine, factor)
+    local.Allgatherv([mine, datatype], [out, counts, displs, datatype])

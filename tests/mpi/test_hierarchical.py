@@ -1,0 +1,108 @@
+"""The hierarchical allreduce on fake nodes (one host's ranks split into 'nodes', even and uneven)
+against NumPy, and bit-identical on every rank."""
+import numpy
+import pytest
+
+import mpidp
+from mpidp.comm import _buffers, _hierarchical, runtime
+from mpidp.comm.ops import as_op, mpi_op
+
+from conftest import FLOATS, data, tol
+
+
+def layouts(size):
+    """Node of each rank: one node, one node per rank, blocks of two (2+1 at 3 ranks), round robin
+    over two nodes (interleaved placement), and all but the last rank on one node (3+1 at 4)."""
+    out = {"one_node": [0] * size, "one_per_node": list(range(size)),
+           "blocks_of_2": [r // 2 for r in range(size)], "round_robin": [r % 2 for r in range(size)],
+           "all_but_last": [int(r == size - 1) for r in range(size)]}
+    return {k: v for k, v in out.items() if list(out.values()).index(v) == list(out).index(k)}  # no repeats
+
+
+LAYOUTS = ["one_node", "one_per_node", "blocks_of_2", "round_robin", "all_but_last"]
+
+
+@pytest.fixture(params=LAYOUTS)
+def topo(request):
+    comm = runtime.get_comm()
+    nodes = layouts(comm.Get_size()).get(request.param)
+    if nodes is None:
+        pytest.skip(f"layout {request.param} repeats another at {comm.Get_size()} ranks")
+    local = comm.Split(nodes[comm.Get_rank()], comm.Get_rank())
+    t = _hierarchical.Topology(comm, local)
+    yield t
+    t.free()
+    local.Free()
+
+
+@pytest.fixture(params=[4 << 10, 2 << 20], ids=["piece4KiB", "piece2MiB"])
+def piece(request):
+    old = _buffers.piece_bytes()
+    _buffers.set_piece_bytes(request.param)  # small pieces: many pipelined chunks and ring steps
+    yield request.param
+    _buffers.set_piece_bytes(old)
+
+
+def test_topology(topo):
+    comm = topo.comm
+    nodes = comm.allgather(topo.node)
+    assert sum(topo.node_sizes) == comm.Get_size() and topo.nodes == len(set(nodes))
+    assert topo.node_sizes[topo.node] == topo.local.Get_size()
+    assert topo.channels == max(topo.node_sizes)
+    owners = topo.local.allgather(topo.owned)  # every channel has exactly one owner per node
+    assert sorted(c for o in owners for c in o) == list(range(topo.channels))
+    assert len(topo.channel_comms) == (len(topo.owned) if topo.nodes > 1 else 0)
+    for cc in topo.channel_comms:
+        assert cc.Get_size() == topo.nodes
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 1031, 100_003])
+@pytest.mark.parametrize("dtype", FLOATS + ["int32", "int64"])
+@pytest.mark.parametrize("op", ["Sum", "Min", "Max", "Product"])
+def test_allreduce_matches_numpy(topo, piece, n, dtype, op):
+    if op == "Product" and dtype in FLOATS and numpy.dtype(dtype).itemsize == 2:
+        pytest.skip("products of many small integers overflow 16-bit floats")
+    comm = topo.comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    arrays = [data((n,), dtype, 77 * r + n) for r in range(size)]
+    stack = numpy.stack([a.astype(numpy.float64) for a in arrays])
+    want = {"Sum": stack.sum(0), "Min": stack.min(0), "Max": stack.max(0), "Product": stack.prod(0)}[op]
+    o = as_op(getattr(mpidp, op))
+    out = numpy.empty(n, dtype)
+    assert _hierarchical.allreduce(topo, arrays[rank], out, mpi_op(o, out.dtype), o.ufunc)
+    numpy.testing.assert_allclose(out.astype(numpy.float64), want, rtol=tol(dtype), atol=tol(dtype))
+    inplace = arrays[rank].copy()
+    _hierarchical.allreduce(topo, None, inplace, mpi_op(o, out.dtype), o.ufunc, factor=1.0)
+    numpy.testing.assert_array_equal(inplace.view(numpy.uint8), out.view(numpy.uint8))
+
+
+def _noisy(seed, n, dtype):
+    g = numpy.random.default_rng(seed)
+    return (g.standard_normal(n) * 10 ** g.uniform(-3, 3, n)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_bit_identical_on_every_rank(topo, piece, dtype):
+    """Random floats of mixed magnitudes (sums depend on the order): every rank ends with the same bits."""
+    comm = topo.comm
+    size = comm.Get_size()
+    n = 3 * (piece // 4) * topo.channels + 17  # several chunks, not a multiple of anything
+    x = _noisy(comm.Get_rank(), n, dtype)
+    o = as_op(mpidp.Sum)
+    _hierarchical.allreduce(topo, None, x, mpi_op(o, x.dtype), o.ufunc, factor=1.0 / size)
+    everyone = numpy.empty((size, x.nbytes), numpy.uint8)
+    comm.Allgather(x.view(numpy.uint8), everyone)
+    assert (everyone == everyone[0]).all(), "ranks differ in the bits of the result"
+    inputs = numpy.stack([_noisy(r, n, dtype).astype(numpy.float64) for r in range(size)])
+    bound = 2 * tol(dtype) * numpy.abs(inputs).max(0) + tol(dtype)
+    assert (numpy.abs(x.astype(numpy.float64) - inputs.mean(0)) <= bound).all(), "the average is off"
+
+
+def test_average_factor_is_applied(topo):
+    comm = topo.comm
+    x = numpy.full(1000, float(comm.Get_rank() + 1), numpy.float64)
+    o = as_op(mpidp.Sum)
+    _hierarchical.allreduce(topo, None, x, mpi_op(o, x.dtype), o.ufunc, factor=0.5)
+    n = comm.Get_size()
+    numpy.testing.assert_array_equal(x, numpy.full(1000, 0.5 * n * (n + 1) / 2))
+
