@@ -18,11 +18,14 @@ one rank of its node (reduce-scatter), then among its channel's members, whose M
 allreduce gives each member the same bits, then copied; so every rank ends with the same
 bits.
 """
+import json
 import math
+import os
 
 import numpy
 from mpi4py import MPI
 
+from .. import _env
 from ..backend.pinned import pool
 from ._buffers import piece_bytes, reduce_scatter_pieces, scale
 from .ops import mpi_type
@@ -48,8 +51,11 @@ class Topology:
         self.owner = [c * ranks // self.channels for c in range(self.channels)]
         self.owned = [c for c in range(self.channels) if self.owner[c] == me]
         self.channel_comms = []
+        self.from_bytes = None
         if self.nodes == 1:
             return
+        if self.channels > 1:  # one rank per node: the flat ring already is the best this can do
+            self.from_bytes = _decide_from(comm, self.key())
         if len(set(self.node_sizes)) == 1:
             self.channel_comms = [comm.Split(me, self.node)]
         else:
@@ -67,10 +73,62 @@ class Topology:
         sizes = self.node_sizes
         return f"{len(sizes)}x{sizes[0]}" if self.even else "+".join(map(str, sizes))
 
+    def key(self):
+        """What a measured crossover depends on: the layout and the MPI (the tune cache's key)."""
+        vendor, version = MPI.get_vendor()
+        return f"hierarchical|layout={self.describe()}|mpi={vendor} {'.'.join(map(str, version))}"
+
+    def uses(self, buf):
+        """Whether an allreduce of ``buf`` (an MPI-ready buffer) takes the hierarchical path."""
+        return (self.from_bytes is not None and isinstance(buf, numpy.ndarray) and buf.nbytes >= self.from_bytes
+                and buf.nbytes >= self.channels * buf.itemsize)
+
+    def set_from(self, nbytes):
+        """Take the hierarchical path from ``nbytes`` on (every rank alike; None: never); returns the old value.
+
+        Only where it can pay: more than one node, and a node with several ranks.
+        """
+        if self.nodes == 1 or self.channels == 1:
+            raise ValueError(f"layout {self.describe()} has no hierarchical path: it needs more than one node "
+                             f"and a node with several ranks")
+        old, self.from_bytes = self.from_bytes, None if nbytes is None else int(nbytes)
+        return old
+
     def free(self):
         for cc in self.channel_comms:
             cc.Free()
         self.channel_comms = []
+
+
+# Without a measured crossover the hierarchical path starts here: on the simulated 2 x 2 cluster
+# (TCP, 2 Gbit/s) it was faster than the flat ring from this size on (docs/bench_hierarchical.md).
+DEFAULT_FROM = 256 << 10
+
+
+def _decide_from(comm, key):
+    """The smallest message (bytes) for the hierarchical path, or None for never; rank 0 decides for all."""
+    setting = _env.get("MPIDP_HIERARCHICAL").strip().lower()
+    if setting == "off":
+        return None
+    if setting == "on":
+        return 0
+    if setting.isdigit():
+        return int(setting)
+    if setting != "auto":
+        raise ValueError(f"MPIDP_HIERARCHICAL={setting!r} is not auto, on, off or a size in bytes")
+    measured = _cached(key) if comm.Get_rank() == 0 else None
+    measured = comm.bcast(measured, root=0)
+    return DEFAULT_FROM if measured is None else measured.get("from_bytes")
+
+
+def _cached(key):
+    """The tune cache's entry for ``key`` (written by mpidp.tune.hierarchical), or None."""
+    try:
+        with open(os.path.expanduser(_env.get("MPIDP_AUTOTUNE_CACHE"))) as f:
+            entry = json.load(f).get("entries", {}).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return entry if isinstance(entry, dict) and "from_bytes" in entry else None
 
 
 def chunk_elements(topo, itemsize):

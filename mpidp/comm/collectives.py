@@ -10,7 +10,7 @@ import numpy
 
 from .. import _env
 from ..backend.xp import asnumpy, get_array_module, is_float_dtype
-from . import check, stall
+from . import _hierarchical, check, runtime, stall
 from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, scale,
                        spec, uses_ring)
 from .engine import Handle, engine
@@ -56,16 +56,26 @@ def _copy(xp, x):
     return out
 
 
-def _path(buf, comm, op):
+def _path(buf, comm, op, hierarchical=True):
     """How ``buf`` will be reduced. It is part of the checked signature: ranks that would take
     different paths (host memory on one, device memory under a CUDA-aware MPI on another)
     raise MismatchError instead of waiting for each other in different calls."""
+    topo = runtime.topology(comm)
+    if hierarchical and topo is not None and topo.uses(buf):
+        return f"hierarchical ({topo.describe()} nodes)"
     if uses_ring(flat(buf), comm.Get_size(), op.ufunc):
         return "ring (host memory)"
     return "MPI" if isinstance(buf, numpy.ndarray) else "MPI (device memory)"
 
 
 # --- allreduce --------------------------------------------------------------------------------
+
+def _reduce(comm, path, send, recv, mop, ufunc, factor):
+    """Allreduce 1-D ``recv`` along ``path``; True when ``factor`` is applied."""
+    if path.startswith("hierarchical"):
+        return _hierarchical.allreduce(runtime.topology(comm), send, recv, mop, ufunc, factor)
+    return allreduce_pieces(comm, send, recv, mop, ufunc, factor)
+
 
 def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
                     wake=True):
@@ -93,8 +103,8 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
 
     def run():
         _agree(comm, "allreduce", name, signature)
-        return allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop,
-                                op.ufunc, post)
+        return _reduce(comm, signature[-1][1], None if send is None else flat(send.host), flat(recv.host), mop,
+                       op.ufunc, post)
 
     def finish(scaled):
         if send is not None:
@@ -182,8 +192,8 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
 
     def run():
         _agree(comm, "grouped_allreduce", name, signature)
-        return [allreduce_pieces(comm, None, fused.host, mpi_op(op, dtype), op.ufunc, post)
-                for dtype, _, fused in buffers]
+        return [_reduce(comm, path, None, fused.host, mpi_op(op, dtype), op.ufunc, post)
+                for (dtype, _, fused), path in zip(buffers, signature[-1][1])]
 
     def finish(scaled):
         out = [None] * len(tensors)
@@ -392,7 +402,7 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
     recv = Staged(empty_result(xp, (mine,) + tail, x.dtype), copy_in=False)
     post = postscale_factor / n if op is Average else postscale_factor
     signature = (("op", op.name), ("dtype", dtype_name(x.dtype)), ("shape", tuple(x.shape)),
-                 ("path", _path(send.host, comm, op)))
+                 ("path", _path(send.host, comm, op, hierarchical=False)))
     mop = mpi_op(op, x.dtype)
 
     def run():

@@ -106,3 +106,93 @@ def test_average_factor_is_applied(topo):
     n = comm.Get_size()
     numpy.testing.assert_array_equal(x, numpy.full(1000, 0.5 * n * (n + 1) / 2))
 
+
+
+# --- the hook: mpidp's own collectives on fake nodes --------------------------------------------
+
+@pytest.fixture
+def hooked(topo, monkeypatch):
+    """mpidp's collectives see ``topo`` as the job's topology and take the hierarchical path at every size."""
+    if topo.nodes == 1 or topo.channels == 1:
+        pytest.skip(f"layout {topo.describe()} has no hierarchical path")
+    monkeypatch.setattr(runtime._state, "topology", topo)
+    old = topo.set_from(0)
+    yield topo
+    topo.set_from(old)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1031, 300_001])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int32"])
+def test_allreduce_takes_the_hierarchical_path(hooked, n, dtype):
+    from mpidp.comm import collectives
+    comm = hooked.comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    arrays = [data((n,), dtype, 5 * r + 1) for r in range(size)]
+    x = arrays[rank]
+    want_path = f"hierarchical ({hooked.describe()} nodes)" if n >= hooked.channels else "MPI"
+    assert collectives._path(x, comm, as_op(mpidp.Sum)) == want_path
+    want = numpy.sum([a.astype(numpy.float64) for a in arrays], axis=0)
+    numpy.testing.assert_allclose(mpidp.allreduce(x, op=mpidp.Sum).astype(numpy.float64), want, rtol=tol(dtype))
+    if dtype != "int32":
+        y = x.copy()
+        mpidp.allreduce_(y, op=mpidp.Average, postscale_factor=2.0)
+        numpy.testing.assert_allclose(y.astype(numpy.float64), 2 * want / size, rtol=tol(dtype), atol=tol(dtype))
+    got = mpidp.grouped_allreduce([x, x[: n // 2], x.astype(numpy.float64)], op=mpidp.Max)
+    for g, w in zip(got, [numpy.max(arrays, 0), numpy.max(arrays, 0)[: n // 2], numpy.max(arrays, 0)]):
+        numpy.testing.assert_array_equal(g.astype(numpy.float64), w.astype(numpy.float64))
+
+
+def test_path_is_checked(hooked):
+    """One rank that would go another way (a different crossover) raises MismatchError on every rank."""
+    comm = hooked.comm
+    hooked.set_from(0 if comm.Get_rank() == 0 else None)
+    with pytest.raises(mpidp.MismatchError, match="path"):
+        mpidp.allreduce(numpy.ones(4096, numpy.float32), name="grads")
+    hooked.set_from(0)
+    numpy.testing.assert_array_equal(mpidp.allreduce(numpy.ones(4096, numpy.float32), op=mpidp.Sum),
+                                     numpy.full(4096, comm.Get_size(), numpy.float32))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_distributed_optimizer_unchanged(hooked, kind):
+    """The DistributedOptimizer's buckets go the hierarchical way: the same model as one big batch."""
+    from test_distributed_optimizer import compare, distributed, reference
+    comm = hooked.comm
+    model, _ = distributed(kind, comm.Get_rank(), comm.Get_size(), overlap=True, fusion_threshold_bytes=256)
+    compare(model, reference(kind, comm.Get_size()), 1e-10)
+    mpidp.check_replicas(model)
+
+
+def test_sharded_optimizer_unchanged(hooked):
+    from test_sharded import build, make_opt, reference, train
+    comm = hooked.comm
+    model = build()
+    opt = mpidp.ShardedOptimizer(make_opt("adam", model), model=model)
+    train(model, opt, comm.Get_rank(), comm.Get_size())
+    ref, _ = reference("adam", comm.Get_size())
+    for p, q in zip(model.parameters(), ref.parameters()):
+        numpy.testing.assert_allclose(p.data, q.data, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("setting, want", [("off", None), ("on", 0), ("12345", 12345), ("auto", "default")])
+def test_environment_setting(monkeypatch, tmp_path, setting, want):
+    monkeypatch.setenv("MPIDP_HIERARCHICAL", setting)
+    monkeypatch.setenv("MPIDP_AUTOTUNE_CACHE", str(tmp_path / "none.json"))
+    want = _hierarchical.DEFAULT_FROM if want == "default" else want
+    assert _hierarchical._decide_from(runtime.get_comm(), "key") == want
+
+
+def test_auto_reads_the_tune_cache(monkeypatch, tmp_path):
+    import json
+    comm = runtime.get_comm()
+    path = tmp_path / f"tune-{comm.Get_rank()}.json"  # only rank 0's is read; the others' say otherwise
+    path.write_text(json.dumps({"version": 2, "entries": {"k": {"from_bytes": 4096 if comm.Get_rank() == 0 else 1}}}))
+    monkeypatch.setenv("MPIDP_AUTOTUNE_CACHE", str(path))
+    monkeypatch.setenv("MPIDP_HIERARCHICAL", "auto")
+    assert _hierarchical._decide_from(comm, "k") == 4096
+
+
+def test_bad_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MPIDP_HIERARCHICAL", "sometimes")
+    with pytest.raises(ValueError, match="MPIDP_HIERARCHICAL"):
+        _hierarchical._decide_from(runtime.get_comm(), "key")
