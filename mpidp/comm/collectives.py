@@ -61,8 +61,11 @@ def _path(buf, comm, op, hierarchical=True):
     different paths (host memory on one, device memory under a CUDA-aware MPI on another)
     raise MismatchError instead of waiting for each other in different calls."""
     topo = runtime.topology(comm)
-    if hierarchical and topo is not None and topo.uses(buf):
-        return f"hierarchical ({topo.describe()} nodes)"
+    if hierarchical and topo is not None and topo.from_bytes is not None:
+        if topo.uses(buf):
+            return f"hierarchical ({topo.describe()} nodes)"
+        if isinstance(buf, numpy.ndarray):  # below the crossover MPI's own allreduce beats a ring across nodes
+            return "MPI"
     if uses_ring(flat(buf), comm.Get_size(), op.ufunc):
         return "ring (host memory)"
     return "MPI" if isinstance(buf, numpy.ndarray) else "MPI (device memory)"
@@ -74,7 +77,7 @@ def _reduce(comm, path, send, recv, mop, ufunc, factor):
     """Allreduce 1-D ``recv`` along ``path``; True when ``factor`` is applied."""
     if path.startswith("hierarchical"):
         return _hierarchical.allreduce(runtime.topology(comm), send, recv, mop, ufunc, factor)
-    return allreduce_pieces(comm, send, recv, mop, ufunc, factor)
+    return allreduce_pieces(comm, send, recv, mop, ufunc, factor, ring_allowed=path.startswith("ring"))
 
 
 def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,

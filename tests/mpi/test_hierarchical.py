@@ -196,3 +196,27 @@ def test_bad_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv("MPIDP_HIERARCHICAL", "sometimes")
     with pytest.raises(ValueError, match="MPIDP_HIERARCHICAL"):
         _hierarchical._decide_from(runtime.get_comm(), "key")
+
+
+def test_tune_learns_the_crossover(hooked, tmp_path):
+    import json
+
+    from mpidp import tune
+    comm = hooked.comm
+    path = tmp_path / "tune.json"
+    chosen, table = tune.hierarchical(sizes=(4096, 65536, 1 << 20), reps=1, cache_path=str(path))
+    assert comm.allgather((chosen, table)) == [(chosen, table)] * comm.Get_size()
+    assert [r["bytes"] for r in table] == [4096, 65536, 1 << 20] and chosen in (None, 4096, 65536, 1 << 20)
+    assert all(r["mpi_s"] > 0 and r["hierarchical_s"] > 0 for r in table)
+    later = [r for r in table if chosen is not None and r["bytes"] >= chosen]
+    assert all(r["hierarchical_s"] <= r["mpi_s"] for r in later)
+    assert hooked.from_bytes == chosen
+    if comm.Get_rank() == 0:
+        assert json.loads(path.read_text())["entries"][hooked.key()]["from_bytes"] == chosen
+
+
+def test_tune_on_one_node_has_nothing_to_learn():
+    from mpidp import tune
+    if runtime.topology(runtime.get_comm()).nodes > 1:
+        pytest.skip("this job runs on several nodes")
+    assert tune.hierarchical(sizes=(4096,), reps=1, cache=False) == (None, [])
