@@ -27,7 +27,7 @@ from mpi4py import MPI
 
 from .. import _env
 from ..backend.pinned import pool
-from ._buffers import piece_bytes, reduce_scatter_pieces, scale
+from ._buffers import reduce_scatter_pieces, scale
 from .ops import mpi_type
 
 
@@ -101,8 +101,9 @@ class Topology:
 
 
 # Without a measured crossover the hierarchical path starts here: on the simulated 2 x 2 cluster
-# (TCP, 2 Gbit/s) it was faster than the flat ring from this size on (docs/bench_hierarchical.md).
-DEFAULT_FROM = 256 << 10
+# (TCP, 2 Gbit/s, busy 2-core host) it beat MPI's own allreduce from 4 MiB on in every run, and
+# was within the noise at 1 MiB (docs/bench_hierarchical.md; mpidp.tune.hierarchical measures it).
+DEFAULT_FROM = 4 << 20
 
 
 def _decide_from(comm, key):
@@ -131,9 +132,16 @@ def _cached(key):
     return entry if isinstance(entry, dict) and "from_bytes" in entry else None
 
 
+# Bytes of one channel's share of a pipelined chunk. On the simulated 2 x 2 cluster (2 Gbit/s,
+# busy 2-core host; one job, 6 reps each) 512 KiB-1 MiB shares took 0.66-0.91x the time of
+# 2 MiB shares at 4, 16 and 64 MiB: chunks small enough to keep the link busy from the start,
+# big enough that each chunk's three steps cost little.
+SHARE_BYTES = 1 << 20
+
+
 def chunk_elements(topo, itemsize):
-    """Elements per pipelined chunk: one piece per channel share."""
-    return topo.channels * max(1, piece_bytes() // itemsize)
+    """Elements per pipelined chunk: one share per channel."""
+    return topo.channels * max(1, SHARE_BYTES // itemsize)
 
 
 def allreduce(topo, send, recv, mpi_op, ufunc=None, factor=1.0):

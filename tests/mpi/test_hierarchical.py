@@ -36,9 +36,11 @@ def topo(request):
 
 
 @pytest.fixture(params=[4 << 10, 2 << 20], ids=["piece4KiB", "piece2MiB"])
-def piece(request):
+def piece(request, monkeypatch):
+    """Small pieces and shares: many pipelined chunks and ring steps; large: one chunk."""
     old = _buffers.piece_bytes()
-    _buffers.set_piece_bytes(request.param)  # small pieces: many pipelined chunks and ring steps
+    _buffers.set_piece_bytes(request.param)
+    monkeypatch.setattr(_hierarchical, "SHARE_BYTES", request.param)
     yield request.param
     _buffers.set_piece_bytes(old)
 
