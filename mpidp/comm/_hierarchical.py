@@ -55,7 +55,7 @@ class Topology:
         if self.nodes == 1:
             return
         if self.channels > 1:  # one rank per node: the flat ring already is the best this can do
-            self.from_bytes = _decide_from(comm, self.key())
+            self.from_bytes = _decide_from(comm, self.key(), DEFAULT_FROM if self.even else DEFAULT_FROM_UNEVEN)
         if len(set(self.node_sizes)) == 1:
             self.channel_comms = [comm.Split(me, self.node)]
         else:
@@ -101,12 +101,14 @@ class Topology:
 
 
 # Without a measured crossover the hierarchical path starts here: on the simulated 2 x 2 cluster
-# (TCP, 2 Gbit/s, busy 2-core host) it beat MPI's own allreduce from 4 MiB on in every run, and
-# was within the noise at 1 MiB (docs/bench_hierarchical.md; mpidp.tune.hierarchical measures it).
+# (TCP, 2 Gbit/s, busy 2-core host) it beat MPI's own allreduce from 4 MiB on, and was within
+# the noise at 1 MiB. On 2 + 1 the lone rank of the small node carries every channel, and the
+# path won only at 64 MiB (docs/bench_hierarchical.md; mpidp.tune.hierarchical measures a job's own).
 DEFAULT_FROM = 4 << 20
+DEFAULT_FROM_UNEVEN = 32 << 20
 
 
-def _decide_from(comm, key):
+def _decide_from(comm, key, default=DEFAULT_FROM):
     """The smallest message (bytes) for the hierarchical path, or None for never; rank 0 decides for all."""
     setting = _env.get("MPIDP_HIERARCHICAL").strip().lower()
     if setting == "off":
@@ -119,7 +121,7 @@ def _decide_from(comm, key):
         raise ValueError(f"MPIDP_HIERARCHICAL={setting!r} is not auto, on, off or a size in bytes")
     measured = _cached(key) if comm.Get_rank() == 0 else None
     measured = comm.bcast(measured, root=0)
-    return DEFAULT_FROM if measured is None else measured.get("from_bytes")
+    return default if measured is None else measured.get("from_bytes")
 
 
 def _cached(key):
