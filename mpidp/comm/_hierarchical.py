@@ -101,10 +101,11 @@ class Topology:
 
 
 # Without a measured crossover the hierarchical path starts here: on the simulated 2 x 2 cluster
-# (TCP, 2 Gbit/s, busy 2-core host) it beat MPI's own allreduce from 4 MiB on, and was within
-# the noise at 1 MiB. On 2 + 1 the lone rank of the small node carries every channel, and the
-# path won only at 64 MiB (docs/bench_hierarchical.md; mpidp.tune.hierarchical measures a job's own).
-DEFAULT_FROM = 4 << 20
+# (TCP, 2 Gbit/s, busy 2-core host) it beat MPI's own allreduce at 16 and 64 MiB in every run
+# and lost at 4 MiB in two of three. On 2 + 1 the lone rank of the small node carries every
+# channel: it won at 64 MiB in every run, at 16 MiB in one of three (docs/bench_hierarchical.md;
+# mpidp.tune.hierarchical measures a job's own crossover).
+DEFAULT_FROM = 8 << 20
 DEFAULT_FROM_UNEVEN = 32 << 20
 
 
