@@ -222,3 +222,23 @@ def test_tune_on_one_node_has_nothing_to_learn():
     if runtime.topology(runtime.get_comm()).nodes > 1:
         pytest.skip("this job runs on several nodes")
     assert tune.hierarchical(sizes=(4096,), reps=1, cache=False) == (None, [])
+
+
+def test_the_jobs_own_topology():
+    """On a real (or simulated) multi-node job: the runtime's topology matches local/cross sizes, and a
+    large allreduce takes the hierarchical path there and matches NumPy."""
+    from mpidp.comm import collectives
+    comm = runtime.get_comm()
+    topo = runtime.topology(comm)
+    assert topo.local.Get_size() == mpidp.local_size() and topo.node_sizes[topo.node] == mpidp.local_size()
+    if topo.even:
+        assert topo.nodes == mpidp.cross_size()
+    if topo.channels == 1:
+        pytest.skip(f"layout {topo.describe()}: one rank per node, no hierarchical path")
+    if topo.nodes == 1:
+        pytest.skip("one node: run this file on a simulated cluster to test the real path")
+    size, rank = comm.Get_size(), comm.Get_rank()
+    x = data((topo.from_bytes // 4 + 1001,), "float32", rank)
+    assert collectives._path(x, comm, as_op(mpidp.Sum)).startswith("hierarchical")
+    want = numpy.sum([data(x.shape, "float32", r).astype(numpy.float64) for r in range(size)], axis=0)
+    numpy.testing.assert_array_equal(mpidp.allreduce(x, op=mpidp.Sum).astype(numpy.float64), want)
