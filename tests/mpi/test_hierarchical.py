@@ -58,8 +58,8 @@ def test_topology(topo):
         assert cc.Get_size() == topo.nodes
 
 
-@pytest.mark.parametrize("n", [0, 1, 5, 1031, 100_003])
-@pytest.mark.parametrize("dtype", FLOATS + ["int32", "int64"])
+@pytest.mark.parametrize("n", [0, 5, 1031, 100_003])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int64"])  # 16-bit: mpidp's own MPI op
 @pytest.mark.parametrize("op", ["Sum", "Min", "Max", "Product"])
 def test_allreduce_matches_numpy(topo, piece, n, dtype, op):
     if op == "Product" and dtype in FLOATS and numpy.dtype(dtype).itemsize == 2:
