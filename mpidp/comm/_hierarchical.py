@@ -41,12 +41,15 @@ class Topology:
     def __init__(self, comm, local):
         self.comm, self.local = comm, local
         first = local.allreduce(comm.Get_rank(), op=MPI.MIN)  # a node is named by its lowest rank
-        firsts = comm.allgather(first)
-        nodes = sorted(set(firsts))
-        self.node_sizes = tuple(firsts.count(f) for f in nodes)
-        self.node, self.nodes = nodes.index(first), len(nodes)
-        self.channels = max(self.node_sizes)
         ranks, me = local.Get_size(), local.Get_rank()
+        places = comm.allgather((first, me))
+        nodes = sorted(set(f for f, _ in places))
+        self.node_sizes = tuple(sum(f == n for f, _ in places) for n in nodes)
+        self.node, self.nodes = nodes.index(first), len(nodes)
+        self.rank_of = [[None] * k for k in self.node_sizes]  # [node][local rank] -> rank in comm
+        for r, (f, j) in enumerate(places):
+            self.rank_of[nodes.index(f)][j] = r
+        self.channels = max(self.node_sizes)
         # channel c belongs to local rank c * ranks // channels: a contiguous run per rank, one each when even
         self.owner = [c * ranks // self.channels for c in range(self.channels)]
         self.owned = [c for c in range(self.channels) if self.owner[c] == me]
@@ -187,3 +190,32 @@ def _gather(local, requests, mine, out, counts, displs, datatype, factor):
     MPI.Request.Waitall(requests)
     scale(mine, factor)
     local.Allgatherv([mine, datatype], [out, counts, displs, datatype])
+
+
+def reduce_scatter(topo, send, recv, counts, mpi_op, ufunc=None):
+    """Reduce-scatter 1-D ``send`` (rank r's part: ``counts[r]`` elements, in rank order) into ``recv``
+    on an even layout: inside the node each local rank gets its node's sum of the parts of the
+    ranks with its local rank on every node (packed so that they are contiguous), then its channel
+    reduce-scatters those across the nodes. Across the link go 1/local_size of what a flat ring
+    sends. Returns False: the caller applies any factor."""
+    nodes, me = topo.nodes, topo.local.Get_rank()
+    starts = numpy.concatenate(([0], numpy.cumsum(counts)))
+    order = [topo.rank_of[i][j] for j in range(topo.channels) for i in range(nodes)]  # by channel, then node
+    mine_counts = [int(sum(counts[topo.rank_of[i][j]] for i in range(nodes))) for j in range(topo.channels)]
+    itemsize = send.itemsize
+    raw = pool.acquire(max(1, send.size * itemsize))
+    raw_mine = pool.acquire(max(1, mine_counts[me] * itemsize))  # its own: an empty view must not alias packed
+    packed = raw[:send.size * itemsize].view(send.dtype)
+    mine = raw_mine[:mine_counts[me] * itemsize].view(send.dtype)
+    try:
+        at = 0
+        for r in order:
+            packed[at:at + counts[r]] = send[starts[r]:starts[r] + counts[r]]
+            at += counts[r]
+        reduce_scatter_pieces(topo.local, packed, mine, mine_counts, mpi_op, ufunc)
+        reduce_scatter_pieces(topo.channel_comms[0], mine, recv, [int(counts[topo.rank_of[i][me]]) for i in range(nodes)],
+                              mpi_op, ufunc)
+    finally:
+        pool.release(raw)
+        pool.release(raw_mine)
+    return False

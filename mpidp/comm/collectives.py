@@ -404,14 +404,19 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
     send = Staged(work)
     recv = Staged(empty_result(xp, (mine,) + tail, x.dtype), copy_in=False)
     post = postscale_factor / n if op is Average else postscale_factor
-    signature = (("op", op.name), ("dtype", dtype_name(x.dtype)), ("shape", tuple(x.shape)),
-                 ("path", _path(send.host, comm, op, hierarchical=False)))
+    topo = runtime.topology(comm)
+    path = (f"hierarchical ({topo.describe()} nodes)" if topo is not None and topo.even and topo.uses(send.host)
+            else _path(send.host, comm, op, hierarchical=False))
+    signature = (("op", op.name), ("dtype", dtype_name(x.dtype)), ("shape", tuple(x.shape)), ("path", path))
     mop = mpi_op(op, x.dtype)
 
     def run():
         _agree(comm, "reducescatter", name, signature)
-        return not rows or reduce_scatter_pieces(comm, flat(send.host), flat(recv.host), counts, mop, op.ufunc,
-                                                 post)
+        if not rows:
+            return True
+        if path.startswith("hierarchical"):
+            return _hierarchical.reduce_scatter(topo, flat(send.host), flat(recv.host), counts, mop, op.ufunc)
+        return reduce_scatter_pieces(comm, flat(send.host), flat(recv.host), counts, mop, op.ufunc, post)
 
     def finish(scaled):
         send.finish(copy_out=False)

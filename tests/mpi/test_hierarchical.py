@@ -144,6 +144,26 @@ def test_allreduce_takes_the_hierarchical_path(hooked, n, dtype):
         numpy.testing.assert_array_equal(g.astype(numpy.float64), w.astype(numpy.float64))
 
 
+@pytest.mark.parametrize("rows", [1, 7, 4099])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int64"])
+def test_reducescatter_takes_the_hierarchical_path_on_even_layouts(hooked, monkeypatch, rows, dtype):
+    comm = hooked.comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    calls = []
+    real = _hierarchical.reduce_scatter
+    monkeypatch.setattr(_hierarchical, "reduce_scatter", lambda *a: calls.append(1) or real(*a))
+    arrays = [data((rows, 3), dtype, 11 * r + rows) for r in range(size)]
+    op = mpidp.Sum if dtype == "int64" else mpidp.Average
+    got = mpidp.reducescatter(arrays[rank], op=op)
+    total = numpy.sum([a.astype(numpy.float64) for a in arrays], axis=0)
+    want = total / size if op is mpidp.Average else total
+    base, extra = divmod(rows, size)
+    lo = rank * base + min(rank, extra)
+    numpy.testing.assert_allclose(got.astype(numpy.float64), want[lo:lo + base + (rank < extra)],
+                                  rtol=tol(dtype), atol=tol(dtype))
+    assert len(calls) == int(hooked.even and hooked.uses(arrays[rank])), "uneven layouts reduce-scatter flat"
+
+
 def test_path_is_checked(hooked):
     """One rank that would go another way (a different crossover) raises MismatchError on every rank."""
     comm = hooked.comm
