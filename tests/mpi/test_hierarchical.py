@@ -246,7 +246,7 @@ def test_tune_on_one_node_has_nothing_to_learn():
 
 def test_the_jobs_own_topology():
     """On a real (or simulated) multi-node job: the runtime's topology matches local/cross sizes, and a
-    large allreduce takes the hierarchical path there and matches NumPy."""
+    large allreduce (and, on even layouts, reducescatter) takes the hierarchical path and matches NumPy."""
     from mpidp.comm import collectives
     comm = runtime.get_comm()
     topo = runtime.topology(comm)
@@ -262,3 +262,11 @@ def test_the_jobs_own_topology():
     assert collectives._path(x, comm, as_op(mpidp.Sum)).startswith("hierarchical")
     want = numpy.sum([data(x.shape, "float32", r).astype(numpy.float64) for r in range(size)], axis=0)
     numpy.testing.assert_array_equal(mpidp.allreduce(x, op=mpidp.Sum).astype(numpy.float64), want)
+    if topo.even:
+        rows = topo.from_bytes // 4 + 3 * size + 1  # the first rank gets one row more
+        y = data((rows,), "float32", rank + 7)
+        total = numpy.sum([data((rows,), "float32", r + 7).astype(numpy.float64) for r in range(size)], axis=0)
+        base, extra = divmod(rows, size)
+        lo = rank * base + min(rank, extra)
+        numpy.testing.assert_array_equal(mpidp.reducescatter(y, op=mpidp.Sum).astype(numpy.float64),
+                                         total[lo:lo + base + (rank < extra)])
