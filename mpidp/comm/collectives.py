@@ -15,6 +15,7 @@ import math
 import numpy
 
 from ..backend.xp import asnumpy, get_array_module
+from ..errors import MpidpError
 from . import _buffers, _fatal, _hierarchical, check, dlpack as _dlpack, runtime
 from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, scale,
                        spec, uses_ring)
@@ -28,11 +29,22 @@ def set_check(enabled):
 
 
 def _begin(process_set, kind, name):
-    """(set, communicator, its engine, this collective's number, display name) for a new collective."""
+    """(set, communicator, its engine, this collective's number, display name) for a new collective.
+
+    The number is only reserved here: ``_launch`` takes it once the local checks have passed.
+    """
     ps, comm = resolve(process_set)
     eng = engine_for(comm)
-    seq = eng.started()
+    seq = eng.peek()
     return ps, comm, eng, seq, name or f"{kind}.{seq}"
+
+
+def _take(eng, seq, name):
+    """Take the collective number ``_begin`` reserved (the local checks passed)."""
+    if eng.started() != seq:
+        raise MpidpError(f"collective {name!r} and another one were started at the same time from two "
+                         f"threads on {eng.progress.label}: their order could differ between ranks; "
+                         f"start collectives on one communicator from one thread, or order them yourself")
 
 
 def _signature(eng, kind, name, *fields):
@@ -83,6 +95,12 @@ def _array(x, name, what):
 
 
 def _launch(eng, blocking, run, name, seq, finish, release=None, wake=True):
+    try:
+        _take(eng, seq, name)
+    except MpidpError:
+        if release is not None:
+            release()
+        raise
     if blocking:
         return eng.run(run, name, seq, finish, release)
     return eng.submit(run, name, seq, finish, wake, release)
@@ -484,6 +502,7 @@ def reducescatter_async(x, op=Average, name=None, process_set=None, prescale_fac
 def barrier(process_set=None):
     """Wait until every rank (of the set) gets here."""
     _, comm, eng, seq, name = _begin(process_set, "barrier", None)
+    _take(eng, seq, name)
     eng.run(_job(comm, "barrier", name, _signature(eng, "barrier", None), seq, comm.Barrier), name, seq)
 
 
