@@ -11,6 +11,8 @@ VARIABLES = {
     "MPIDP_FUSION_THRESHOLD": (int, 0, "gradient bucket size in bytes; 0 = calibrated default"),
     "MPIDP_PIECE_BYTES": (int, 0, "bytes one rank reduces per ring step of a large allreduce (or per in-place "
                                   "Allreduce call where the ring does not apply); 0 = the measured default (2 MiB)"),
+    "MPIDP_HIERARCHICAL": (str, "auto", "multi-node allreduce through the nodes' shared memory: auto (from the size the "
+                                        "tune cache measured, else the default), on, off, or the smallest message in bytes"),
     "MPIDP_STALL_WARNING_S": (float, 60.0, "seconds a rank waits in a collective before it logs the missing ranks"),
     "MPIDP_STALL_ABORT_S": (float, 300.0, "seconds a rank waits in a collective that some ranks never joined "
                                           "before it ends the job with the stall report; 0 = never"),

@@ -581,3 +581,53 @@ def _append_log(path, key, when, table):
             w.writeheader()
         for row in table:
             w.writerow({"when": when, "key": key, **row})
+
+
+# --- hierarchical allreduce: where it starts to pay on this job's nodes ----------------------------
+
+HIERARCHICAL_SIZES = (64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB)
+
+
+def hierarchical(sizes=HIERARCHICAL_SIZES, reps=3, cache=True, cache_path=None, timer=time.perf_counter):
+    """Learn from which message size the hierarchical allreduce beats MPI's own across this job's nodes.
+
+    Times ``allreduce_`` of float32 messages of each size both ways (median over ``reps`` of
+    the slowest rank), takes the smallest size from which the hierarchical path is at least
+    as fast at every larger size (None: never), applies it, and caches it under the layout
+    and MPI (``MPIDP_HIERARCHICAL=auto`` reads it at the next init). Returns
+    ``(from_bytes, table)``, the same on every rank; a job on one node, or with one rank per
+    node, has nothing to learn and returns ``(None, [])``.
+    """
+    comm = runtime.get_comm()
+    topo = runtime.topology(comm)
+    if topo.nodes == 1 or topo.channels == 1:
+        return None, []
+    old, table = topo.from_bytes, []
+    try:
+        for size in sizes:
+            x = numpy.ones(max(1, size // 4), dtype=numpy.float32)
+            row = {"bytes": int(size)}
+            for label, start in (("mpi_s", size + 1), ("hierarchical_s", 0)):
+                topo.set_from(start)
+                times = []
+                for _ in range(reps + 1):  # the first warms the path up
+                    comm.Barrier()
+                    t0 = timer()
+                    collectives.allreduce_(x, op=ops.Sum, name="tune.hierarchical")
+                    times.append(_agreed(max, timer() - t0, None))
+                row[label] = float(numpy.median(times[1:]))
+            table.append(row)
+    finally:
+        topo.set_from(old)
+    chosen = None
+    for row in reversed(table):  # the smallest size from which every larger one pays
+        if row["hierarchical_s"] > row["mpi_s"]:
+            break
+        chosen = row["bytes"]
+    chosen = broadcast_object(chosen, 0, name="tune.hierarchical.decision")
+    topo.set_from(chosen)
+    if cache and comm.Get_rank() == 0:
+        save_cache(topo.key(), {"from_bytes": chosen, "table": table,
+                                "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                   cache_path)
+    return chosen, table

@@ -110,22 +110,22 @@ def spec(a, count=None, displ=None):
     return [a, count, displ, mpi_type(a.dtype)]
 
 
-def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None, factor=1.0, seq=0):
+def allreduce_pieces(comm, send, recv, mpi_op, ufunc=None, factor=1.0, seq=0, ring_allowed=True):
     """Allreduce 1-D ``recv`` (from ``send``, or in place when send is None) over ``comm``.
 
     Where ``uses_ring`` (``ufunc`` is the op's NumPy ufunc), the first ``size - size % ranks``
     elements go around the ring and the rest, which does not split over the ranks, is one
     small Allreduce; the ring also multiplies by ``factor`` each part it completes, while the
     part is in cache (an average costs no extra pass). Otherwise the message is Allreduce
-    calls. Returns True when ``recv`` holds the scaled result, False when the caller must
-    still multiply by ``factor``. ``seq`` (the collective's number) tags the ring's messages.
+    calls (always with ``ring_allowed=False``). Returns True when ``recv`` holds the scaled
+    result, False when the caller must still multiply by ``factor``. ``seq`` (the collective's number) tags the ring's messages.
     NumPy's reductions here ignore the caller's ``numpy.seterr`` and warning filters: an
     overflow gives inf on every rank, as MPI's own sum does, never an error on the one
     rank that reduced that part.
     """
     n, ranks = recv.size, comm.Get_size()
     datatype = mpi_type(recv.dtype)
-    body = n - n % ranks if uses_ring(recv, ranks, ufunc) else 0
+    body = n - n % ranks if ring_allowed and uses_ring(recv, ranks, ufunc) else 0
     if not body and recv.dtype not in HALF:  # MPI's own reduction: no NumPy involved
         step = max(1, min(MAX_COUNT, _piece // recv.itemsize)) if send is None else MAX_COUNT
         for i in range(0, n, step):

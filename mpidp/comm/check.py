@@ -92,7 +92,7 @@ def mismatch_error(collective, rows, comm, advice=None):
     label = tensor if len(set(names.values())) == 1 else describe_ranks(names)
     if field == "sequence number":
         advice = ("a rank started a collective on this communicator that the others did not (one that "
-                  "raised on that rank alone counts too), or skipped one")
+                  "failed after the local checks on that rank alone counts too), or skipped one")
     advice = advice or (f"every rank must call the same collectives in the same order "
                         f"with the same {field}")
     return MismatchError(

@@ -15,7 +15,8 @@ import math
 import numpy
 
 from ..backend.xp import asnumpy, get_array_module
-from . import _buffers, _fatal, check, dlpack as _dlpack
+from ..errors import MpidpError
+from . import _buffers, _fatal, _hierarchical, check, dlpack as _dlpack, runtime
 from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, scale,
                        spec, uses_ring)
 from .engine import Handle, engine_for
@@ -28,11 +29,22 @@ def set_check(enabled):
 
 
 def _begin(process_set, kind, name):
-    """(set, communicator, its engine, this collective's number, display name) for a new collective."""
+    """(set, communicator, its engine, this collective's number, display name) for a new collective.
+
+    The number is only reserved here: ``_launch`` takes it once the local checks have passed.
+    """
     ps, comm = resolve(process_set)
     eng = engine_for(comm)
-    seq = eng.started()
+    seq = eng.peek()
     return ps, comm, eng, seq, name or f"{kind}.{seq}"
+
+
+def _take(eng, seq, name):
+    """Take the collective number ``_begin`` reserved (the local checks passed)."""
+    if eng.started() != seq:
+        raise MpidpError(f"collective {name!r} and another one were started at the same time from two "
+                         f"threads on {eng.progress.label}: their order could differ between ranks; "
+                         f"start collectives on one communicator from one thread, or order them yourself")
 
 
 def _signature(eng, kind, name, *fields):
@@ -83,6 +95,12 @@ def _array(x, name, what):
 
 
 def _launch(eng, blocking, run, name, seq, finish, release=None, wake=True):
+    try:
+        _take(eng, seq, name)
+    except MpidpError:
+        if release is not None:
+            release()
+        raise
     if blocking:
         return eng.run(run, name, seq, finish, release)
     return eng.submit(run, name, seq, finish, wake, release)
@@ -95,11 +113,17 @@ def _copy(xp, x):
     return out
 
 
-def _path(buf, comm, op, inplace=False):
+def _path(buf, comm, op, inplace=False, hierarchical=True):
     """How ``buf`` will be reduced. It is part of the checked signature: ranks that would take
     different paths (host memory on one, device memory under a CUDA-aware MPI on another, or
-    one MPI call out of place against pieces in place) raise MismatchError instead of waiting
-    for each other in different calls."""
+    one MPI call out of place against pieces in place, or the hierarchical path on a rank whose
+    crossover differs) raise MismatchError instead of waiting for each other in different calls."""
+    topo = runtime.topology(comm)
+    if hierarchical and topo is not None and topo.from_bytes is not None:
+        if topo.uses(buf):
+            return f"hierarchical ({topo.describe()} nodes)"
+        if isinstance(buf, numpy.ndarray):  # below the crossover MPI's own allreduce beats a ring across nodes
+            return "MPI, in place" if inplace else "MPI"
     if uses_ring(flat(buf), comm.Get_size(), op.ufunc):
         return "ring (host memory)"
     where = "MPI" if isinstance(buf, numpy.ndarray) else "MPI (device memory)"
@@ -107,6 +131,13 @@ def _path(buf, comm, op, inplace=False):
 
 
 # --- allreduce --------------------------------------------------------------------------------
+
+def _reduce(comm, path, send, recv, mop, ufunc, factor, seq):
+    """Allreduce 1-D ``recv`` along ``path``; True when ``factor`` is applied."""
+    if path.startswith("hierarchical"):
+        return _hierarchical.allreduce(runtime.topology(comm), send, recv, mop, ufunc, factor)
+    return allreduce_pieces(comm, send, recv, mop, ufunc, factor, seq, ring_allowed=path.startswith("ring"))
+
 
 def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
                     wake=True):
@@ -128,14 +159,15 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
         send = Staged(xp.ascontiguousarray(x))
         recv = Staged(empty_result(xp, x.shape, x.dtype), copy_in=False)
         work = recv.array
+    path = _path(recv.host, comm, op, send is None)
     signature = _signature(eng, "allreduce", given, ("op", op.name), ("dtype", dtype_name(x.dtype)),
-                           ("shape", x.shape), ("path", _path(recv.host, comm, op, send is None)),
+                           ("shape", x.shape), ("path", path),
                            ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
                            ("piece bytes", _buffers.piece_bytes()))
 
     def body():
-        return allreduce_pieces(comm, None if send is None else flat(send.host), flat(recv.host), mop,
-                                op.ufunc, post, seq)
+        return _reduce(comm, path, None if send is None else flat(send.host), flat(recv.host), mop, op.ufunc,
+                       post, seq)
 
     def finish(scaled):
         if send is not None:
@@ -217,15 +249,16 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
         scale(fused.host, prescale_factor)
         buffers.append((dtype, idx, fused))
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
+    paths = tuple(_path(fused.host, comm, op, True) for _, _, fused in buffers)
     signature = _signature(eng, "grouped_allreduce", given, ("op", op.name),
                            ("tensors", tuple((dtype_name(t.dtype), tuple(t.shape)) for t in tensors)),
-                           ("path", tuple(_path(fused.host, comm, op, True) for _, _, fused in buffers)),
+                           ("path", paths),
                            ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
                            ("piece bytes", _buffers.piece_bytes()))
 
     def body():
-        return [allreduce_pieces(comm, None, fused.host, mpi_op(op, dtype), op.ufunc, post, seq)
-                for dtype, _, fused in buffers]
+        return [_reduce(comm, path, None, fused.host, mpi_op(op, dtype), op.ufunc, post, seq)
+                for (dtype, _, fused), path in zip(buffers, paths)]
 
     def finish(scaled):
         out = [None] * len(tensors)
@@ -428,14 +461,20 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
     post = postscale_factor / n if op is Average else postscale_factor
     send = Staged(work)
     recv = Staged(empty_result(xp, (mine,) + tail, x.dtype), copy_in=False)
+    topo = runtime.topology(comm)
+    path = (f"hierarchical ({topo.describe()} nodes)" if topo is not None and topo.even and topo.uses(send.host)
+            else _path(send.host, comm, op, hierarchical=False))
     signature = _signature(eng, "reducescatter", given, ("op", op.name), ("dtype", dtype_name(x.dtype)),
-                           ("shape", tuple(x.shape)), ("path", _path(send.host, comm, op)),
+                           ("shape", tuple(x.shape)), ("path", path),
                            ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
                            ("piece bytes", _buffers.piece_bytes()))
 
     def body():
-        return not rows or reduce_scatter_pieces(comm, flat(send.host), flat(recv.host), counts, mop, op.ufunc,
-                                                 post, seq)
+        if not rows:
+            return True
+        if path.startswith("hierarchical"):
+            return _hierarchical.reduce_scatter(topo, flat(send.host), flat(recv.host), counts, mop, op.ufunc)
+        return reduce_scatter_pieces(comm, flat(send.host), flat(recv.host), counts, mop, op.ufunc, post, seq)
 
     def finish(scaled):
         send.finish(copy_out=False)
@@ -463,6 +502,7 @@ def reducescatter_async(x, op=Average, name=None, process_set=None, prescale_fac
 def barrier(process_set=None):
     """Wait until every rank (of the set) gets here."""
     _, comm, eng, seq, name = _begin(process_set, "barrier", None)
+    _take(eng, seq, name)
     eng.run(_job(comm, "barrier", name, _signature(eng, "barrier", None), seq, comm.Barrier), name, seq)
 
 

@@ -20,6 +20,7 @@ class _State:
         self.comm = None          # private duplicate of the user's communicator
         self.local_comm = None    # ranks on this node
         self.cross_comm = None    # ranks with the same local rank, one per node
+        self.topology = None      # nodes and channel communicators of the hierarchical allreduce
         self.device = None
         self.cuda_aware = None
         self.cuda_aware_how = ""
@@ -58,6 +59,8 @@ def init(comm=None, process_sets=None):
     _state.local_comm = _state.comm.Split_type(MPI.COMM_TYPE_SHARED, key=_state.comm.Get_rank())
     _state.cross_comm = _state.comm.Split(_state.local_comm.Get_rank(), _state.comm.Get_rank())
     _state.homogeneous = len(set(_state.comm.allgather(_state.local_comm.Get_size()))) == 1
+    from ._hierarchical import Topology  # it imports this module
+    _state.topology = Topology(_state.comm, _state.local_comm)
     _state.cuda_aware, _state.cuda_aware_how = _cuda_aware.detect()
     _state.device = bind_device(_state.local_comm.Get_rank())
     _state.pid = _rank_pid = os.getpid()
@@ -97,6 +100,7 @@ def shutdown():
 
     def free():
         process_set._free_all()
+        _state.topology.free()
         for c in (_state.cross_comm, _state.local_comm, _state.comm):
             c.Free()
 
@@ -217,6 +221,11 @@ def cross_size():
     """Number of nodes (size of the communicator of equal local ranks)."""
     get_comm()
     return _state.cross_comm.Get_size()
+
+
+def topology(comm):
+    """The hierarchical allreduce's Topology of ``comm`` when it is mpidp's communicator, else None."""
+    return _state.topology if comm is _state.comm else None
 
 
 def mpi_threads_supported():

@@ -1,0 +1,272 @@
+"""The hierarchical allreduce on fake nodes (one host's ranks split into 'nodes', even and uneven)
+against NumPy, and bit-identical on every rank."""
+import numpy
+import pytest
+
+import mpidp
+from mpidp.comm import _buffers, _hierarchical, runtime
+from mpidp.comm.ops import as_op, mpi_op
+
+from conftest import FLOATS, data, tol
+
+
+def layouts(size):
+    """Node of each rank: one node, one node per rank, blocks of two (2+1 at 3 ranks), round robin
+    over two nodes (interleaved placement), and all but the last rank on one node (3+1 at 4)."""
+    out = {"one_node": [0] * size, "one_per_node": list(range(size)),
+           "blocks_of_2": [r // 2 for r in range(size)], "round_robin": [r % 2 for r in range(size)],
+           "all_but_last": [int(r == size - 1) for r in range(size)]}
+    return {k: v for k, v in out.items() if list(out.values()).index(v) == list(out).index(k)}  # no repeats
+
+
+LAYOUTS = ["one_node", "one_per_node", "blocks_of_2", "round_robin", "all_but_last"]
+
+
+@pytest.fixture(params=LAYOUTS)
+def topo(request):
+    comm = runtime.get_comm()
+    nodes = layouts(comm.Get_size()).get(request.param)
+    if nodes is None:
+        pytest.skip(f"layout {request.param} repeats another at {comm.Get_size()} ranks")
+    local = comm.Split(nodes[comm.Get_rank()], comm.Get_rank())
+    t = _hierarchical.Topology(comm, local)
+    yield t
+    t.free()
+    local.Free()
+
+
+@pytest.fixture(params=[4 << 10, 2 << 20], ids=["piece4KiB", "piece2MiB"])
+def piece(request, monkeypatch):
+    """Small pieces and shares: many pipelined chunks and ring steps; large: one chunk."""
+    old = _buffers.piece_bytes()
+    _buffers.set_piece_bytes(request.param)
+    monkeypatch.setattr(_hierarchical, "SHARE_BYTES", request.param)
+    yield request.param
+    _buffers.set_piece_bytes(old)
+
+
+def test_topology(topo):
+    comm = topo.comm
+    nodes = comm.allgather(topo.node)
+    assert sum(topo.node_sizes) == comm.Get_size() and topo.nodes == len(set(nodes))
+    assert topo.node_sizes[topo.node] == topo.local.Get_size()
+    assert topo.channels == max(topo.node_sizes)
+    owners = topo.local.allgather(topo.owned)  # every channel has exactly one owner per node
+    assert sorted(c for o in owners for c in o) == list(range(topo.channels))
+    assert len(topo.channel_comms) == (len(topo.owned) if topo.nodes > 1 else 0)
+    for cc in topo.channel_comms:
+        assert cc.Get_size() == topo.nodes
+
+
+@pytest.mark.parametrize("n", [0, 5, 1031, 100_003])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int64"])  # 16-bit: mpidp's own MPI op
+@pytest.mark.parametrize("op", ["Sum", "Min", "Max", "Product"])
+def test_allreduce_matches_numpy(topo, piece, n, dtype, op):
+    if op == "Product" and dtype in FLOATS and numpy.dtype(dtype).itemsize == 2:
+        pytest.skip("products of many small integers overflow 16-bit floats")
+    comm = topo.comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    arrays = [data((n,), dtype, 77 * r + n) for r in range(size)]
+    stack = numpy.stack([a.astype(numpy.float64) for a in arrays])
+    want = {"Sum": stack.sum(0), "Min": stack.min(0), "Max": stack.max(0), "Product": stack.prod(0)}[op]
+    o = as_op(getattr(mpidp, op))
+    out = numpy.empty(n, dtype)
+    assert _hierarchical.allreduce(topo, arrays[rank], out, mpi_op(o, out.dtype), o.ufunc)
+    numpy.testing.assert_allclose(out.astype(numpy.float64), want, rtol=tol(dtype), atol=tol(dtype))
+    inplace = arrays[rank].copy()
+    _hierarchical.allreduce(topo, None, inplace, mpi_op(o, out.dtype), o.ufunc, factor=1.0)
+    numpy.testing.assert_array_equal(inplace.view(numpy.uint8), out.view(numpy.uint8))
+
+
+def _noisy(seed, n, dtype):
+    g = numpy.random.default_rng(seed)
+    return (g.standard_normal(n) * 10 ** g.uniform(-3, 3, n)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_bit_identical_on_every_rank(topo, piece, dtype):
+    """Random floats of mixed magnitudes (sums depend on the order): every rank ends with the same bits."""
+    comm = topo.comm
+    size = comm.Get_size()
+    n = 3 * (piece // 4) * topo.channels + 17  # several chunks, not a multiple of anything
+    x = _noisy(comm.Get_rank(), n, dtype)
+    o = as_op(mpidp.Sum)
+    _hierarchical.allreduce(topo, None, x, mpi_op(o, x.dtype), o.ufunc, factor=1.0 / size)
+    everyone = numpy.empty((size, x.nbytes), numpy.uint8)
+    comm.Allgather(x.view(numpy.uint8), everyone)
+    assert (everyone == everyone[0]).all(), "ranks differ in the bits of the result"
+    inputs = numpy.stack([_noisy(r, n, dtype).astype(numpy.float64) for r in range(size)])
+    bound = 2 * tol(dtype) * numpy.abs(inputs).max(0) + tol(dtype)
+    assert (numpy.abs(x.astype(numpy.float64) - inputs.mean(0)) <= bound).all(), "the average is off"
+
+
+def test_average_factor_is_applied(topo):
+    comm = topo.comm
+    x = numpy.full(1000, float(comm.Get_rank() + 1), numpy.float64)
+    o = as_op(mpidp.Sum)
+    _hierarchical.allreduce(topo, None, x, mpi_op(o, x.dtype), o.ufunc, factor=0.5)
+    n = comm.Get_size()
+    numpy.testing.assert_array_equal(x, numpy.full(1000, 0.5 * n * (n + 1) / 2))
+
+
+
+# --- the hook: mpidp's own collectives on fake nodes --------------------------------------------
+
+@pytest.fixture
+def hooked(topo, monkeypatch):
+    """mpidp's collectives see ``topo`` as the job's topology and take the hierarchical path at every size."""
+    if topo.nodes == 1 or topo.channels == 1:
+        pytest.skip(f"layout {topo.describe()} has no hierarchical path")
+    monkeypatch.setattr(runtime._state, "topology", topo)
+    old = topo.set_from(0)
+    yield topo
+    topo.set_from(old)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1031, 300_001])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int32"])
+def test_allreduce_takes_the_hierarchical_path(hooked, n, dtype):
+    from mpidp.comm import collectives
+    comm = hooked.comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    arrays = [data((n,), dtype, 5 * r + 1) for r in range(size)]
+    x = arrays[rank]
+    want_path = f"hierarchical ({hooked.describe()} nodes)" if n >= hooked.channels else "MPI"
+    assert collectives._path(x, comm, as_op(mpidp.Sum)) == want_path
+    want = numpy.sum([a.astype(numpy.float64) for a in arrays], axis=0)
+    numpy.testing.assert_allclose(mpidp.allreduce(x, op=mpidp.Sum).astype(numpy.float64), want, rtol=tol(dtype))
+    if dtype != "int32":
+        y = x.copy()
+        mpidp.allreduce_(y, op=mpidp.Average, postscale_factor=2.0)
+        numpy.testing.assert_allclose(y.astype(numpy.float64), 2 * want / size, rtol=tol(dtype), atol=tol(dtype))
+    got = mpidp.grouped_allreduce([x, x[: n // 2], x.astype(numpy.float64)], op=mpidp.Max)
+    for g, w in zip(got, [numpy.max(arrays, 0), numpy.max(arrays, 0)[: n // 2], numpy.max(arrays, 0)]):
+        numpy.testing.assert_array_equal(g.astype(numpy.float64), w.astype(numpy.float64))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 4099])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int64"])
+def test_reducescatter_takes_the_hierarchical_path_on_even_layouts(hooked, monkeypatch, rows, dtype):
+    comm = hooked.comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    calls = []
+    real = _hierarchical.reduce_scatter
+    monkeypatch.setattr(_hierarchical, "reduce_scatter", lambda *a: calls.append(1) or real(*a))
+    arrays = [data((rows, 3), dtype, 11 * r + rows) for r in range(size)]
+    op = mpidp.Sum if dtype == "int64" else mpidp.Average
+    got = mpidp.reducescatter(arrays[rank], op=op)
+    total = numpy.sum([a.astype(numpy.float64) for a in arrays], axis=0)
+    want = total / size if op is mpidp.Average else total
+    base, extra = divmod(rows, size)
+    lo = rank * base + min(rank, extra)
+    numpy.testing.assert_allclose(got.astype(numpy.float64), want[lo:lo + base + (rank < extra)],
+                                  rtol=tol(dtype), atol=tol(dtype))
+    assert len(calls) == int(hooked.even and hooked.uses(arrays[rank])), "uneven layouts reduce-scatter flat"
+
+
+def test_path_is_checked(hooked):
+    """One rank that would go another way (a different crossover) raises MismatchError on every rank."""
+    comm = hooked.comm
+    hooked.set_from(0 if comm.Get_rank() == 0 else None)
+    with pytest.raises(mpidp.MismatchError, match="path"):
+        mpidp.allreduce(numpy.ones(4096, numpy.float32), name="grads")
+    hooked.set_from(0)
+    numpy.testing.assert_array_equal(mpidp.allreduce(numpy.ones(4096, numpy.float32), op=mpidp.Sum),
+                                     numpy.full(4096, comm.Get_size(), numpy.float32))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_distributed_optimizer_unchanged(hooked, kind):
+    """The DistributedOptimizer's buckets go the hierarchical way: the same model as one big batch."""
+    from test_distributed_optimizer import compare, distributed, reference
+    comm = hooked.comm
+    model, _ = distributed(kind, comm.Get_rank(), comm.Get_size(), overlap=True, fusion_threshold_bytes=256)
+    compare(model, reference(kind, comm.Get_size()), 1e-10)
+    mpidp.check_replicas(model)
+
+
+def test_sharded_optimizer_unchanged(hooked):
+    from test_sharded import build, make_opt, reference, train
+    comm = hooked.comm
+    model = build()
+    opt = mpidp.ShardedOptimizer(make_opt("adam", model), model=model)
+    train(model, opt, comm.Get_rank(), comm.Get_size())
+    ref, _ = reference("adam", comm.Get_size())
+    for p, q in zip(model.parameters(), ref.parameters()):
+        numpy.testing.assert_allclose(p.data, q.data, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("setting, want", [("off", None), ("on", 0), ("12345", 12345), ("auto", "default")])
+def test_environment_setting(monkeypatch, tmp_path, setting, want):
+    monkeypatch.setenv("MPIDP_HIERARCHICAL", setting)
+    monkeypatch.setenv("MPIDP_AUTOTUNE_CACHE", str(tmp_path / "none.json"))
+    want = _hierarchical.DEFAULT_FROM if want == "default" else want
+    assert _hierarchical._decide_from(runtime.get_comm(), "key") == want
+
+
+def test_auto_reads_the_tune_cache(monkeypatch, tmp_path):
+    import json
+    comm = runtime.get_comm()
+    path = tmp_path / f"tune-{comm.Get_rank()}.json"  # only rank 0's is read; the others' say otherwise
+    path.write_text(json.dumps({"version": 2, "entries": {"k": {"from_bytes": 4096 if comm.Get_rank() == 0 else 1}}}))
+    monkeypatch.setenv("MPIDP_AUTOTUNE_CACHE", str(path))
+    monkeypatch.setenv("MPIDP_HIERARCHICAL", "auto")
+    assert _hierarchical._decide_from(comm, "k") == 4096
+
+
+def test_bad_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MPIDP_HIERARCHICAL", "sometimes")
+    with pytest.raises(ValueError, match="MPIDP_HIERARCHICAL"):
+        _hierarchical._decide_from(runtime.get_comm(), "key")
+
+
+def test_tune_learns_the_crossover(hooked, tmp_path):
+    import json
+
+    from mpidp import tune
+    comm = hooked.comm
+    path = tmp_path / "tune.json"
+    chosen, table = tune.hierarchical(sizes=(4096, 65536, 1 << 20), reps=1, cache_path=str(path))
+    assert comm.allgather((chosen, table)) == [(chosen, table)] * comm.Get_size()
+    assert [r["bytes"] for r in table] == [4096, 65536, 1 << 20] and chosen in (None, 4096, 65536, 1 << 20)
+    assert all(r["mpi_s"] > 0 and r["hierarchical_s"] > 0 for r in table)
+    later = [r for r in table if chosen is not None and r["bytes"] >= chosen]
+    assert all(r["hierarchical_s"] <= r["mpi_s"] for r in later)
+    assert hooked.from_bytes == chosen
+    if comm.Get_rank() == 0:
+        assert json.loads(path.read_text())["entries"][hooked.key()]["from_bytes"] == chosen
+
+
+def test_tune_on_one_node_has_nothing_to_learn():
+    from mpidp import tune
+    if runtime.topology(runtime.get_comm()).nodes > 1:
+        pytest.skip("this job runs on several nodes")
+    assert tune.hierarchical(sizes=(4096,), reps=1, cache=False) == (None, [])
+
+
+def test_the_jobs_own_topology():
+    """On a real (or simulated) multi-node job: the runtime's topology matches local/cross sizes, and a
+    large allreduce (and, on even layouts, reducescatter) takes the hierarchical path and matches NumPy."""
+    from mpidp.comm import collectives
+    comm = runtime.get_comm()
+    topo = runtime.topology(comm)
+    assert topo.local.Get_size() == mpidp.local_size() and topo.node_sizes[topo.node] == mpidp.local_size()
+    if topo.even:
+        assert topo.nodes == mpidp.cross_size()
+    if topo.channels == 1:
+        pytest.skip(f"layout {topo.describe()}: one rank per node, no hierarchical path")
+    if topo.nodes == 1:
+        pytest.skip("one node: run this file on a simulated cluster to test the real path")
+    size, rank = comm.Get_size(), comm.Get_rank()
+    x = data((topo.from_bytes // 4 + 1001,), "float32", rank)
+    assert collectives._path(x, comm, as_op(mpidp.Sum)).startswith("hierarchical")
+    want = numpy.sum([data(x.shape, "float32", r).astype(numpy.float64) for r in range(size)], axis=0)
+    numpy.testing.assert_array_equal(mpidp.allreduce(x, op=mpidp.Sum).astype(numpy.float64), want)
+    if topo.even:
+        rows = topo.from_bytes // 4 + 3 * size + 1  # the first rank gets one row more
+        y = data((rows,), "float32", rank + 7)
+        total = numpy.sum([data((rows,), "float32", r + 7).astype(numpy.float64) for r in range(size)], axis=0)
+        base, extra = divmod(rows, size)
+        lo = rank * base + min(rank, extra)
+        numpy.testing.assert_array_equal(mpidp.reducescatter(y, op=mpidp.Sum).astype(numpy.float64),
+                                         total[lo:lo + base + (rank < extra)])

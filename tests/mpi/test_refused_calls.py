@@ -1,0 +1,35 @@
+"""A call refused before any communication (bad dtype or op, read-only output) did nothing: it
+takes no collective number, so a rank that catches the error and goes on still pairs its next
+collective with the other ranks' (no bogus 'sequence number differs')."""
+import numpy
+import pytest
+
+import mpidp
+
+
+@pytest.mark.parametrize("refuse", ["complex_max", "read_only", "bad_type"])
+def test_a_call_refused_on_one_rank_takes_no_number(rank, size, refuse):
+    if rank == 0:
+        x = numpy.ones(3, numpy.complex64) if refuse == "complex_max" else numpy.ones(3)
+        if refuse == "read_only":
+            x.setflags(write=False)
+        with pytest.raises((TypeError, ValueError)):
+            if refuse == "complex_max":
+                mpidp.allreduce(x, op=mpidp.Max)
+            elif refuse == "read_only":
+                mpidp.allreduce_(x, op=mpidp.Sum)
+            else:
+                mpidp.allreduce("not an array", op=mpidp.Sum)
+    got = mpidp.allreduce(numpy.full(3, rank + 1.0), op=mpidp.Sum)  # auto-named: equal numbers needed
+    numpy.testing.assert_allclose(got, numpy.full(3, size * (size + 1) / 2))
+
+
+def test_a_refused_retry_pairs_with_the_others_call(rank, size):
+    x = numpy.full(4, rank + 1.0)
+    if rank == 0:
+        x.setflags(write=False)
+        with pytest.raises(ValueError, match="read-only"):
+            mpidp.allreduce_(x, op=mpidp.Sum, name="retried")
+        x = x.copy()
+    mpidp.allreduce_(x, op=mpidp.Sum, name="retried")
+    numpy.testing.assert_allclose(x, numpy.full(4, size * (size + 1) / 2))
