@@ -51,7 +51,10 @@ def test_is_homogeneous_over_simulated_nodes(tmp_path, hosts, want):
     ssh.write_text(FAKE_SSH)
     ssh.chmod(0o755)
     n = sum(int(h.split(":")[1]) for h in hosts.split(","))
-    script = "import mpidp; mpidp.init(); print('homogeneous', mpidp.is_homogeneous(), flush=True); mpidp.shutdown()"
+    # every rank's answer, printed by rank 0 alone: hydra may splice lines that ranks print at once
+    script = ("import mpidp; mpidp.init(); seen = mpidp.allgather_object(mpidp.is_homogeneous())\n"
+              "if mpidp.rank() == 0: print(' '.join(f'homogeneous {v}' for v in seen), flush=True)\n"
+              "mpidp.shutdown()")
     rc, out, _ = run([mpiexec(), "-launcher", "ssh", "-launcher-exec", ssh, "-hosts", hosts, "-n", n,
                       *python("-c", script)], timeout=120, env={"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"})
     assert rc == 0, out[-3000:]
