@@ -4,6 +4,7 @@ import pytest
 
 import mpidp
 from mpidp import nn, optim
+from mpidp.backend import asnumpy
 from mpidp.comm import _buffers
 
 from conftest import data, tol
@@ -68,16 +69,19 @@ def test_ring_average_divides_by_the_ranks_that_contributed(rank, size, monkeypa
     assert mpidp.join() == last
 
 
-def test_other_collectives_with_joined_ranks(rank, size):
+def test_other_collectives_with_joined_ranks(xp, rank, size):
     active = [r for r in range(size) if r % 2 == 0]
     if rank % 2 == 1:  # odd ranks have no more data
         assert mpidp.join() == active[-1]
         return
-    got = mpidp.allgather(data((rank + 1, 3), "float32", rank), name="ag")
+    got = mpidp.allgather(data((rank + 1, 3), "float32", rank, xp), name="ag")
     want = numpy.concatenate([data((r + 1, 3), "float32", r) for r in active])
-    numpy.testing.assert_array_equal(got, want)
-    got = mpidp.broadcast(data((4, 9), "int64", rank), root_rank=active[-1], name="bc")
-    numpy.testing.assert_array_equal(got, data((4, 9), "int64", active[-1]))
+    numpy.testing.assert_array_equal(asnumpy(got), want)
+    got = mpidp.broadcast(data((4, 9), "int64", rank, xp), root_rank=active[-1], name="bc")
+    numpy.testing.assert_array_equal(asnumpy(got), data((4, 9), "int64", active[-1]))
+    got = mpidp.allreduce(data((6, 5), "float32", rank, xp), name="avg")
+    want = numpy.mean([data((6, 5), "float32", r) for r in active], axis=0)
+    numpy.testing.assert_allclose(asnumpy(got), want, rtol=1e-6)
     mpidp.barrier()
     assert mpidp.broadcast_object({"from": rank}, root_rank=0) == {"from": 0}
     assert mpidp.allgather_object(rank) == active
@@ -109,6 +113,26 @@ def test_errors_reach_every_rank(rank, size, case):
     else:
         assert "rank 1 has joined" in str(err.value), str(err.value)
     mpidp.barrier()  # every rank left the failed collective at the same place
+
+
+def test_join_on_a_process_set(rank, size):
+    """The joined rank serves the set's collectives; the job-wide ones and their numbering are untouched."""
+    if size < 3:
+        pytest.skip("needs a process set of two ranks or more that is not every rank")
+    members = list(range(1, size))
+    ps = mpidp.add_process_set(members)
+    try:
+        if rank == 1:
+            assert mpidp.join(process_set=ps) == size - 1
+        elif rank > 1:
+            got = mpidp.allreduce(data((3, 4), "float64", rank), name="set", process_set=ps)
+            want = numpy.mean([data((3, 4), "float64", r) for r in members[1:]], axis=0)
+            numpy.testing.assert_allclose(got, want, rtol=1e-12)
+            assert mpidp.join(process_set=ps) == size - 1
+        got = mpidp.allreduce(numpy.full(2, float(rank)), op=mpidp.Sum, name="everyone")
+        numpy.testing.assert_array_equal(got, numpy.full(2, float(sum(range(size)))))
+    finally:
+        mpidp.remove_process_set(ps)
 
 
 def test_join_needs_the_check(rank, size):
