@@ -172,16 +172,16 @@ def reference(size):
 
 
 @pytest.mark.parametrize("threshold", [64, 1 << 20])  # many buckets, one bucket
-@pytest.mark.parametrize("compression", [None, "fp16"])
+@pytest.mark.parametrize("compression, predivide", [(None, 1.0), ("fp16", 1.0), (None, 4.0)])
 @pytest.mark.parametrize("ring", [False, True])
-def test_training_with_uneven_shards(rank, size, threshold, compression, ring, monkeypatch):
+def test_training_with_uneven_shards(rank, size, threshold, compression, predivide, ring, monkeypatch):
     """Horovod's recipe: train on what you have, join, then broadcast from the rank that joined last."""
     if ring:
         monkeypatch.setattr(_buffers, "RING_FROM", 1)
     model = build(seed=rank)  # different starts: the broadcast makes them rank 0's
     extra = {} if compression is None else {"compression": mpidp.Compression.fp16}
     opt = mpidp.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model,
-                                     fusion_threshold_bytes=threshold, **extra)
+                                     fusion_threshold_bytes=threshold, gradient_predivide_factor=predivide, **extra)
     mpidp.broadcast_parameters(model, root_rank=0)
     crit = nn.CrossEntropyLoss()
     for step in range(steps_of(rank, size)):
