@@ -90,10 +90,14 @@ def test_other_collectives_with_joined_ranks(xp, rank, size):
     assert mpidp.join() == active[-1]
 
 
-@pytest.mark.parametrize("case", ["broadcast from a joined root", "alltoall", "reducescatter", "mismatch"])
+@pytest.mark.parametrize("case", ["broadcast from a joined root", "alltoall", "reducescatter", "mismatch",
+                                  "ShardedOptimizer"])
 def test_errors_reach_every_rank(rank, size, case):
     if size < (3 if case == "mismatch" else 2):
         pytest.skip("needs a rank that joined and one (two for a mismatch) that did not")
+    if case == "ShardedOptimizer":  # a joined rank owns a shard it would never update
+        model = build()
+        sharded = mpidp.ShardedOptimizer(optim.SGD(model.parameters(), lr=0.1), model=model)
     if rank == 1:
         with pytest.raises(mpidp.MpidpError) as err:
             mpidp.join()
@@ -106,6 +110,12 @@ def test_errors_reach_every_rank(rank, size, case):
                 mpidp.alltoall(x, name="a")
             elif case == "reducescatter":
                 mpidp.reducescatter(x, name="r")
+            elif case == "ShardedOptimizer":
+                x, y = shard(rank, 0)
+                crit = nn.CrossEntropyLoss()
+                crit(model(x), y)
+                model.backward(crit.backward())
+                sharded.step()
             else:
                 mpidp.allreduce(x if rank == 0 else x[:1], name="m")
     if case == "mismatch":
