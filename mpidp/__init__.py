@@ -27,6 +27,7 @@ for _module, _names in {
     "mpidp.comm.grouped": ["grouped_allgather", "grouped_allgather_async", "grouped_reducescatter",
                            "grouped_reducescatter_async"],
     "mpidp.comm.objects": ["broadcast_object", "allgather_object"],
+    "mpidp.comm.join": ["join"],
     "mpidp.timeline": ["start_timeline", "stop_timeline"],
     "mpidp.fusion.compression": ["Compression"],
     "mpidp.distributed.optimizer": ["DistributedOptimizer"],

@@ -31,6 +31,7 @@ from .collectives import (Handle, allgather, allgather_async, allreduce, allredu
 from .collectives import grouped_allreduce_async_
 from .grouped import (grouped_allgather, grouped_allgather_async, grouped_reducescatter,
                       grouped_reducescatter_async)
+from .join import join
 from .objects import allgather_object, broadcast_object
 from .ops import Average, Max, Min, Product, ReduceOp, Sum
 from .process_set import ProcessSet, add_process_set, global_process_set, remove_process_set

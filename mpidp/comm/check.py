@@ -61,7 +61,8 @@ def agree(comm, collective, name, signature, advice=None):
 
 def compare(comm, collective, name, signature, seq, advice=None):
     """The check itself, for code running as a job of ``comm``'s engine: ``signature`` and the
-    communicator's sequence number ``seq`` must be equal on every rank."""
+    communicator's sequence number ``seq`` must be equal on every rank. Returns the ranks (of
+    ``comm``) that have joined (``mpidp.join``) and take part with nothing to contribute: ``()``."""
     eng = _engine.current()
     if eng is None or eng.comm is not comm:
         raise RuntimeError(f"mpidp internal error: the {collective} check of {name!r} ran outside the "
@@ -70,25 +71,29 @@ def compare(comm, collective, name, signature, seq, advice=None):
     both = numpy.array([h, -h], dtype=numpy.int64)
     comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MIN)
     if both[0] == h and -both[1] == h:
-        return
+        return ()
     # the rare path: gather what each rank passed
     rows = comm.allgather((name, tuple(signature) + (("sequence number", seq),)))
+    from .join import is_joined, settle  # (mpidp.comm.join is the function)
+    if any(is_joined(row) for row in rows):
+        return settle(comm, rows, advice)
     raise mismatch_error(collective, rows, comm, advice)
 
 
 def mismatch_error(collective, rows, comm, advice=None):
-    """MismatchError naming the first field that differs and which ranks have which value."""
+    """MismatchError naming the first field that differs and which ranks have which value
+    (rows of None, those of joined ranks, are left out)."""
     ranks = _world_ranks(comm)
-    names = {ranks[r]: row[0] for r, row in enumerate(rows)}
-    fields = [f for f, _ in rows[0][1]]
+    rows = {ranks[r]: row for r, row in enumerate(rows) if row is not None}
+    names = {r: row[0] for r, row in rows.items()}
+    fields = [f for f, _ in next(iter(rows.values()))[1]]
     for index, field in enumerate(fields):
-        values = {ranks[r]: (row[1][index][1] if index < len(row[1]) else None)
-                  for r, row in enumerate(rows)}
+        values = {r: (row[1][index][1] if index < len(row[1]) else None) for r, row in rows.items()}
         if len(set(map(repr, values.values()))) > 1:
             break
     else:
         field, values = "name", names
-    tensor = names[ranks[0]]
+    tensor = next(iter(names.values()))
     label = tensor if len(set(names.values())) == 1 else describe_ranks(names)
     if field == "sequence number":
         advice = ("a rank started a collective on this communicator that the others did not (one that "

@@ -20,6 +20,7 @@ from . import _buffers, _fatal, _hierarchical, check, dlpack as _dlpack, runtime
 from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, scale,
                        spec, uses_ring)
 from .engine import Handle, engine_for
+from .join import average_factor
 from .ops import Average, Sum, as_op, check_dtype, check_reduction, dtype_name, mpi_op
 from .process_set import resolve
 
@@ -54,12 +55,12 @@ def _signature(eng, kind, name, *fields):
 
 
 def _job(comm, kind, name, signature, seq, body):
-    """The engine's job: agree on ``signature`` (MismatchError on every rank), then ``body``."""
+    """The engine's job: agree on ``signature`` (MismatchError on every rank), then ``body(joined)``,
+    ``joined`` the ranks that take part with nothing to contribute (``mpidp.join``)."""
     def run():
-        if check.is_enabled():
-            check.compare(comm, kind, name, signature, seq)
+        joined = check.compare(comm, kind, name, signature, seq) if check.is_enabled() else ()
         try:
-            return body()
+            return body(joined)
         except BaseException as exc:
             _fatal.after_agreement(comm, f"{kind} of tensor {name!r}", exc)
     return run
@@ -165,7 +166,10 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
                            ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
                            ("piece bytes", _buffers.piece_bytes()))
 
-    def body():
+    def body(joined):
+        nonlocal post
+        if joined and op is Average:
+            post = average_factor(postscale_factor, comm.Get_size(), joined)
         return _reduce(comm, path, None if send is None else flat(send.host), flat(recv.host), mop, op.ufunc,
                        post, seq)
 
@@ -184,15 +188,17 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
                    _release(send, recv), wake)
 
 
-def fused_allreduce_async_(x, name, process_set=None, wake=True, postscale_factor=1.0):
+def fused_allreduce_async_(x, name, process_set=None, wake=True, postscale_factor=1.0, average=False):
     """Start summing ``x`` (a fusion buffer) in place over the ranks, times ``postscale_factor``
-    (folded into the ring where it applies: an average costs no extra pass).
+    (folded into the ring where it applies: an average costs no extra pass); ``average`` divides
+    it by the ranks that contribute (all, unless some joined).
 
     ``wake=False`` leaves the engine thread asleep: the caller waits for the result at
     once and so runs the exchange in its own thread. The mismatch check stays on: it
     is what turns a rank that skipped a collective into a MismatchError (about 4 us).
     """
-    return _allreduce_core(x, Sum, name, 1.0, postscale_factor, process_set, True, False, wake)
+    return _allreduce_core(x, Average if average else Sum, name, 1.0, postscale_factor, process_set, True, False,
+                           wake)
 
 
 def allreduce(x, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None):
@@ -256,7 +262,10 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
                            ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
                            ("piece bytes", _buffers.piece_bytes()))
 
-    def body():
+    def body(joined):
+        nonlocal post
+        if joined and op is Average:
+            post = average_factor(postscale_factor, comm.Get_size(), joined)
         return [_reduce(comm, path, None, fused.host, mpi_op(op, dtype), op.ufunc, post, seq)
                 for (dtype, _, fused), path in zip(buffers, paths)]
 
@@ -312,7 +321,7 @@ def _allgather_core(x, name, process_set, blocking):
     signature = _signature(eng, "allgather", given, ("dtype", dtype_name(x.dtype)), ("shape[1:]", tail))
     send = Staged(x)
 
-    def body():
+    def body(joined):  # a joined rank gives zero rows
         table = numpy.empty(comm.Get_size(), dtype=numpy.int64)
         comm.Allgather(numpy.array([rows], dtype=numpy.int64), table)  # every rank's row count
         counts = table * row
@@ -353,7 +362,7 @@ def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
                            ("shape", tuple(x.shape)))
     buf = Staged(work, copy_in=comm.Get_rank() == root)
 
-    def body():
+    def body(joined):
         bcast_pieces(comm, flat(buf.host), root)
 
     def finish(_):
@@ -410,7 +419,7 @@ def _alltoall_core(x, splits, name, process_set, blocking):
     signature = _signature(eng, "alltoall", given, ("dtype", dtype_name(x.dtype)), ("shape[1:]", tail))
     send = Staged(xp.ascontiguousarray(x))
 
-    def body():
+    def body(joined):
         received = numpy.empty(n, dtype=numpy.int64)
         comm.Alltoall(splits, received)
         out = empty_result(numpy, (int(received.sum()),) + tail, x.dtype)
@@ -469,7 +478,7 @@ def _reducescatter_core(x, op, name, process_set, prescale_factor, postscale_fac
                            ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
                            ("piece bytes", _buffers.piece_bytes()))
 
-    def body():
+    def body(joined):
         if not rows:
             return True
         if path.startswith("hierarchical"):
@@ -503,7 +512,8 @@ def barrier(process_set=None):
     """Wait until every rank (of the set) gets here."""
     _, comm, eng, seq, name = _begin(process_set, "barrier", None)
     _take(eng, seq, name)
-    eng.run(_job(comm, "barrier", name, _signature(eng, "barrier", None), seq, comm.Barrier), name, seq)
+    eng.run(_job(comm, "barrier", name, _signature(eng, "barrier", None), seq, lambda joined: comm.Barrier()),
+            name, seq)
 
 
 def synchronize(handle):

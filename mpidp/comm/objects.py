@@ -7,7 +7,8 @@ from .process_set import resolve
 
 
 def _run(process_set, kind, name, fields, transfer):
-    """Check ``fields`` across the ranks, then ``transfer(comm)``, as one job in order."""
+    """Check ``fields`` across the ranks, then ``transfer(comm, joined)`` (``joined``: the ranks that
+    take part with nothing to contribute, ``mpidp.join``), as one job in order."""
     ps, comm = resolve(process_set)
     eng = engine_for(comm)
     seq = eng.started()
@@ -15,10 +16,9 @@ def _run(process_set, kind, name, fields, transfer):
     signature = (("collective", kind), ("process set", eng.progress.label), ("name", name)) + fields
 
     def job():
-        if check.is_enabled():
-            check.compare(comm, kind, label, signature, seq)
+        joined = check.compare(comm, kind, label, signature, seq) if check.is_enabled() else ()
         try:
-            return transfer(pkl5.Intracomm(comm))
+            return transfer(pkl5.Intracomm(comm), joined)
         except BaseException as exc:
             _fatal.after_agreement(comm, f"{kind} of {label!r}", exc)
 
@@ -30,9 +30,10 @@ def broadcast_object(obj, root_rank=0, name=None, process_set=None):
     ps, _ = resolve(process_set)
     root = ps.to_local(int(root_rank))
     return _run(process_set, "broadcast_object", name, (("root_rank", int(root_rank)),),
-                lambda c: c.bcast(obj, root=root))
+                lambda c, joined: c.bcast(obj, root=root))
 
 
 def allgather_object(obj, name=None, process_set=None):
-    """A list with every rank's ``obj``, in rank order."""
-    return _run(process_set, "allgather_object", name, (), lambda c: c.allgather(obj))
+    """A list with every rank's ``obj``, in rank order (ranks that joined give none, as in Horovod)."""
+    return _run(process_set, "allgather_object", name, (),
+                lambda c, joined: [o for r, o in enumerate(c.allgather(obj)) if r not in joined])
