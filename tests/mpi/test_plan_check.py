@@ -10,6 +10,8 @@ from mpidp.comm.engine import engine
 
 def model_and_loss(rank):
     model = nn.Sequential(nn.Linear(5, 8, dtype=numpy.float32), nn.Tanh(), nn.Linear(8, 3, dtype=numpy.float32))
+    # the layers draw from the global RNG, whose state earlier tests may leave different on each rank
+    mpidp.broadcast_parameters(model, root_rank=0)
     rng = numpy.random.default_rng(rank)
     x, t = rng.standard_normal((4, 5)).astype(numpy.float32), rng.standard_normal((4, 3)).astype(numpy.float32)
     return model, lambda: model.backward(model(x) - t)
