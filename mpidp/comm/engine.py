@@ -116,11 +116,13 @@ class Engine:
     def __init__(self, progress, comm=None, name="mpidp-engine"):
         self.progress, self.comm, self.name = progress, comm, name
         self._queue = collections.deque()
-        self._cv = threading.Condition()
+        self._lock = threading.RLock()  # the condition's lock; ``with self._lock`` skips its Python wrapper
+        self._cv = threading.Condition(self._lock)
         self._busy = False
         self._helpers = 0  # callers waiting in help_until: while any waits, it drives the queue
         self._thread = None
         self._stopping = False
+        self.plans = {}  # the collectives' per-signature work, cached (valid while ``comm`` is bound)
 
     def started(self):
         """Number the next collective on this communicator (program order, so equal on every rank).
@@ -159,7 +161,7 @@ class Engine:
         if getattr(_local, "engine", None) is self:  # inside one of our jobs: already in order
             value = fn()
             return value if finish is None else finish(value)
-        with self._cv:
+        with self._lock:
             direct = not self._busy and not self._queue
             if direct:
                 self._busy = True
@@ -168,7 +170,10 @@ class Engine:
         outer = _enter(self, seq)
         self.progress.begin_wait(what, seq)
         try:
-            with timeline.span(what, "comm"):
+            if timeline.enabled():
+                with timeline.span(what, "comm"):
+                    value = fn()
+            else:  # a small collective's whole budget is a few microseconds: no null span
                 value = fn()
         except BaseException:
             if release is not None:
@@ -176,7 +181,7 @@ class Engine:
             raise
         finally:
             self.progress.end_wait()
-            with self._cv:
+            with self._lock:
                 self._busy = False
                 self._cv.notify_all()
             _leave(outer)
@@ -341,6 +346,7 @@ def _bind(comm):
         members = tuple(int(r) for r in check._world_ranks(comm))
         if comm is runtime.get_comm():
             eng, eng.comm = _main, comm
+            eng.plans.clear()
             for stale in [k for k, e in _by_comm.items() if e is _main]:
                 del _by_comm[stale]
             eng.progress.bind(members)
