@@ -113,17 +113,17 @@ def _path(buf, comm, op, inplace=False):
 # A repeated small allreduce (a loss, a metric, an overflow flag) is a few microseconds of MPI, and
 # the Python around it used to cost several times that. The work that depends only on the call's
 # signature (validation, the checked fields and their fingerprint, the MPI op and datatype, the
-# scale) is done once, by the general core, and kept on the communicator's engine; a blocking call
+# scale) is done once, by the general core, and kept on the communicator's engine; a call
 # of a host array with a known signature that is one MPI call then takes the short path below. The
 # check still runs on every call, over the same fields: ranks on the two paths agree or disagree
-# exactly as two ranks on the general path would.
+# exactly as two ranks on the general path would. Nonblocking calls take it too (queued as usual).
 
 def _plan_key(x, op, name, prescale_factor, postscale_factor, inplace):
     return x.dtype, x.shape, op, name, prescale_factor, postscale_factor, inplace, _buffers._piece
 
 
-def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace):
-    """The result of a blocking allreduce through its cached plan; None where there is none."""
+def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake):
+    """The result (blocking) or handle of an allreduce through its cached plan; None where there is none."""
     _, comm = resolve(process_set)
     eng = engine_for(comm)
     plan = eng.plans.get(_plan_key(x, op, name, prescale_factor, postscale_factor, inplace))
@@ -144,10 +144,14 @@ def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set,
         except BaseException as exc:
             _fatal.after_agreement(comm, f"allreduce of tensor {what!r}", exc)
 
-    eng.run(run, what, seq)
-    if post != 1.0:
-        scale(out, post)
-    return out
+    def finish(_):
+        if post != 1.0:
+            scale(out, post)
+        return out
+
+    if blocking:
+        return finish(eng.run(run, what, seq))
+    return eng.submit(run, what, seq, finish, wake)
 
 
 def _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post):
@@ -164,8 +168,8 @@ def _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post):
 
 def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
                     wake=True):
-    if blocking and type(x) is numpy.ndarray:
-        out = _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace)
+    if type(x) is numpy.ndarray:
+        out = _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake)
         if out is not None:
             return out
         key = _plan_key(x, op, name, prescale_factor, postscale_factor, inplace)

@@ -190,3 +190,23 @@ def test_grouped_read_only_names_the_tensor():
 def test_grouped_lists_and_scalars(size):
     out = mpidp.grouped_allreduce([[1.0, 2.0], 3.0, numpy.ones(2)], op=mpidp.Sum, name="lists")
     assert [o.tolist() for o in out] == [[size, 2.0 * size], 3.0 * size, [size, size]]
+
+
+def test_repeated_async_allreduces_keep_their_order_and_values(rank, size):
+    xs = [numpy.full(4, rank + i, numpy.float64) for i in range(5)]
+    for _ in range(3):  # plans on the first round, the short path on the others
+        handles = [mpidp.allreduce_async(x, op=mpidp.Sum, name="a") if i % 2 else
+                   mpidp.allreduce_async_(x.copy(), op=mpidp.Average, name="b") for i, x in enumerate(xs)]
+        for i in reversed(range(5)):  # waited for out of order
+            got = mpidp.synchronize(handles[i])
+            total = sum(r + i for r in range(size))
+            assert got.tolist() == [total if i % 2 else total / size] * 4
+
+
+def test_async_fast_path_mismatch_raises_everywhere(rank, size):
+    if size < 2:
+        pytest.skip("needs two ranks")
+    for _ in range(2):
+        mpidp.synchronize(mpidp.allreduce_async(numpy.ones(3), op=mpidp.Sum, name="w"))
+    h = mpidp.allreduce_async(numpy.ones(3), op=mpidp.Sum if rank == 1 else mpidp.Max, name="w")
+    _expect_mismatch(lambda: mpidp.synchronize(h), "op")
