@@ -96,7 +96,7 @@ class Handle:
             self._error = exc
         finally:
             self._finish = self._value = self._release = None
-            with engine._cv:
+            with engine._lock:
                 self._state = _FINISHED
                 engine._cv.notify_all()
 
@@ -144,7 +144,7 @@ class Engine:
         core is busy).
         """
         handle = Handle(what, seq, finish, self, release)
-        with self._cv:
+        with self._lock:
             if self._thread is None:
                 self._stopping = False
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
@@ -198,7 +198,7 @@ class Engine:
         """
         nested = getattr(_local, "engine", None) is self  # waiting inside one of our own jobs
         while True:
-            with self._cv:
+            with self._lock:
                 self._helpers += 1
                 try:
                     while handle._state == _PENDING and (not self._queue or (self._busy and not nested)):
@@ -224,18 +224,18 @@ class Engine:
 
     def drain(self):
         """Wait until every queued collective has run."""
-        with self._cv:
+        with self._lock:
             while self._queue or self._busy:
                 self._cv.wait()
 
     def idle(self):
         """True when nothing is queued or running."""
-        with self._cv:
+        with self._lock:
             return not self._queue and not self._busy
 
     def stop(self):
         """Run what is queued, then end the engine thread (a later submit starts a new one)."""
-        with self._cv:
+        with self._lock:
             thread, self._stopping = self._thread, True
             self._cv.notify_all()
         if thread is not None and thread is not threading.current_thread():
@@ -251,18 +251,18 @@ class Engine:
         finally:
             if not nested:
                 self.progress.end_wait()
-                with self._cv:
+                with self._lock:
                     self._busy = False
                     self._cv.notify_all()
             else:
-                with self._cv:
+                with self._lock:
                     self._cv.notify_all()
             _leave(outer)
 
     def _loop(self):
         numpy.seterr(all="ignore")  # this thread's own error state; reductions never raise in it
         while True:
-            with self._cv:
+            with self._lock:
                 while not self._queue or self._busy or self._helpers:
                     if self._stopping and not self._queue and not self._busy:
                         self._thread = None
