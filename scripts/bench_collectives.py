@@ -4,8 +4,8 @@
                                                       --out docs/figures --piece-sweep]
 
 For each message size it times mpidp.allreduce (out of place, check on and off), allreduce_
-(in place), an allreduce_async + synchronize round trip, allgather, broadcast_ and reducescatter against comm.Allreduce(send, recv),
-comm.Allreduce(IN_PLACE, buf), comm.Allgatherv, comm.Bcast and comm.Reduce_scatter (float32,
+(in place), an allreduce_async + synchronize round trip, allgather, broadcast_ and
+reducescatter against comm.Allreduce(send, recv), comm.Allreduce(IN_PLACE, buf), comm.Allgatherv, comm.Bcast and comm.Reduce_scatter (float32,
 op Sum; the size is the whole input, each rank gets 1/ranks of it). Every iteration
 starts after a barrier and its time is the max over the ranks; the variants of one size run
 interleaved in rounds, so slow drift on a noisy machine hits both sides of a ratio alike. Rank 0
