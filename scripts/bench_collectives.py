@@ -4,13 +4,14 @@
                                                       --out docs/figures --piece-sweep]
 
 For each message size it times mpidp.allreduce (out of place, check on and off), allreduce_
-(in place), allgather, broadcast_ and reducescatter against comm.Allreduce(send, recv),
-comm.Allreduce(IN_PLACE, buf), comm.Allgatherv, comm.Bcast and comm.Reduce_scatter (float32,
+(in place), an allreduce_async + synchronize round trip, allgather, broadcast_ and
+reducescatter against comm.Allreduce(send, recv), comm.Allreduce(IN_PLACE, buf), comm.Allgatherv, comm.Bcast and comm.Reduce_scatter (float32,
 op Sum; the size is the whole input, each rank gets 1/ranks of it). Every iteration
 starts after a barrier and its time is the max over the ranks; the variants of one size run
 interleaved in rounds, so slow drift on a noisy machine hits both sides of a ratio alike. Rank 0
 prints the table, writes bench_collectives_np<N>.csv and .png under --out, and a summary: the
-small-message overhead, the cost of the mismatch check, and the >= 1 MiB allreduce target.
+small-message overhead, the cost of the mismatch check, issue 21's small-message targets (met or
+not at each size) and the >= 1 MiB allreduce target.
 --piece-sweep also times allreduce_ of 4, 16 and 64 MiB with every piece size from 64 KiB to
 16 MiB against the unpieced call, and names the fastest piece size.
 """
@@ -208,6 +209,7 @@ class Bench:
             ("raw_ar", lambda: comm.Allreduce(x, y), on),
             ("mp_ar_ip", lambda: mpidp.allreduce_(buf, op=Sum), on),
             ("raw_ar_ip", lambda: comm.Allreduce(MPI.IN_PLACE, buf), on),
+            ("mp_async", lambda: mpidp.synchronize(mpidp.allreduce_async(x, op=Sum)), on),
             ("mp_ag", lambda: mpidp.allgather(x), on),
             ("raw_ag", lambda: comm.Allgatherv(x, [gathered, counts, displs, MPI.FLOAT]), on),
             ("mp_bc", lambda: mpidp.broadcast_(bc, 0), on),
@@ -223,6 +225,7 @@ class Bench:
                 ("allreduce", "mp_ar", "raw_ar", ar_bytes, piece),
                 ("allreduce check off", "mp_ar_nc", "raw_ar", ar_bytes, piece),
                 ("allreduce_ in place", "mp_ar_ip", "raw_ar_ip", ar_bytes, piece),
+                ("allreduce_async + synchronize", "mp_async", "raw_ar", ar_bytes, piece),
                 ("allgather", "mp_ag", "raw_ag", ag_bytes, None),
                 ("broadcast_", "mp_bc", "raw_bc", nbytes, None),
                 ("reducescatter", "mp_rs", "raw_rs", (n - 1) / n * nbytes, piece)]:
@@ -298,6 +301,7 @@ def summary(rows, check_us):
     if diff:
         out.append(f"mismatch check: {numpy.median(diff):.1f} us per call (allreduce check on - off, "
                    f"median 4 B - 64 KiB); check.agree alone {check_us:.1f} us")
+    out += targets(by)
     big = [r for r in by.get("allreduce", []) if r["bytes"] >= 1 << 20]
     if big:
         slow = [f"{r['size']} ({r['ratio']:.2f}x)" for r in big if r["ratio"] > 1.0]
@@ -307,6 +311,31 @@ def summary(rows, check_us):
         rs = [r for r in by.get(op, []) if r["bytes"] >= 1 << 20]
         if rs:
             out.append(f"  {op} / mpi4py, >= 1 MiB: " + ", ".join(f"{r['size']} {r['ratio']:.2f}" for r in rs))
+    return out
+
+
+def targets(by):
+    """Lines: issue 21's small-message targets, 4 B - 64 KiB, met or not at each size (ratios of medians)."""
+    def small(op):
+        return {r["bytes"]: r for r in by.get(op, []) if r["bytes"] <= 64 << 10}
+
+    def line(label, ratios, limit):
+        if not ratios:
+            return []
+        bad = [f"{bu.format_size(b)} {q:.2f}x" for b, q in ratios.items() if q > limit]
+        worst = max(ratios.values())
+        return [f"  {label} <= {limit:g}x: " + ("met at every size" if not bad else "NOT met at " + ", ".join(bad))
+                + f" (worst {worst:.2f}x)"]
+
+    out = ["issue 21 targets, 4 B - 64 KiB (median / median):"]
+    out += line("allreduce, check on / comm.Allreduce", {b: r["ratio"] for b, r in small("allreduce").items()}, 2.0)
+    out += line("allreduce, check off / comm.Allreduce",
+                {b: r["ratio"] for b, r in small("allreduce check off").items()}, 1.2)
+    outp, inp = small("allreduce"), small("allreduce_ in place")
+    out += line("allreduce_ in place / mpidp out of place (as fast: within 5%)",
+                {b: inp[b]["mpidp_us"] / outp[b]["mpidp_us"] for b in inp if b in outp}, 1.05)
+    out += line("allreduce_async + synchronize of 4 B / comm.Allreduce",
+                {b: r["ratio"] for b, r in small("allreduce_async + synchronize").items() if b == 4}, 3.0)
     return out
 
 
@@ -340,6 +369,7 @@ def recommend(rows, default, over):
 
 def make_plot(path, rows, n, over):
     pairs = [("allreduce", "C0"), ("allreduce check off", "C1"), ("allreduce_ in place", "C2"),
+             ("allreduce_async + synchronize", "C6"),
              ("allgather", "C3"), ("broadcast_", "C4"), ("reducescatter", "C5")]
     raw_names = {"allreduce": "comm.Allreduce", "allreduce_ in place": "comm.Allreduce(IN_PLACE)",
                  "allgather": "comm.Allgatherv", "broadcast_": "comm.Bcast",

@@ -59,15 +59,17 @@ def agree(comm, collective, name, signature, advice=None):
     eng.run(lambda: compare(comm, collective, name, signature, seq, advice), f"{collective} check", seq)
 
 
-def compare(comm, collective, name, signature, seq, advice=None):
+def compare(comm, collective, name, signature, seq, advice=None, known=None):
     """The check itself, for code running as a job of ``comm``'s engine: ``signature`` and the
-    communicator's sequence number ``seq`` must be equal on every rank. Returns the ranks (of
-    ``comm``) that have joined (``mpidp.join``) and take part with nothing to contribute: ``()``."""
+    communicator's sequence number ``seq`` must be equal on every rank. ``known`` is
+    ``fingerprint(signature)`` where the caller kept it (a repeated collective's plan). Returns
+    the ranks (of ``comm``) that have joined (``mpidp.join``) and take part with nothing to
+    contribute: ``()``."""
     eng = _engine.current()
     if eng is None or eng.comm is not comm:
         raise RuntimeError(f"mpidp internal error: the {collective} check of {name!r} ran outside the "
                            f"engine of its communicator; route it through engine_for(comm).run()")
-    h = fingerprint(signature) ^ ((seq * _MIX) & _MASK)
+    h = (fingerprint(signature) if known is None else known) ^ ((seq * _MIX) & _MASK)
     both = numpy.array([h, -h], dtype=numpy.int64)
     comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MIN)
     if both[0] == h and -both[1] == h:

@@ -10,18 +10,21 @@ Once the ranks have agreed to run a collective, an exception on one rank would
 leave the others waiting inside MPI for ever: it ends the whole job at once,
 with its traceback (``_fatal``).
 """
+import itertools
 import math
+import operator
 
 import numpy
+from mpi4py import MPI
 
 from ..backend.xp import asnumpy, get_array_module
 from ..errors import MpidpError
 from . import _buffers, _fatal, _hierarchical, check, dlpack as _dlpack, runtime
-from ._buffers import (Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces, scale,
-                       spec, uses_ring)
+from ._buffers import (MAX_COUNT, Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces,
+                       scale, spec, uses_ring)
 from .engine import Handle, engine_for
 from .join import average_factor
-from .ops import Average, Sum, as_op, check_dtype, check_reduction, dtype_name, mpi_op
+from .ops import HALF, Average, Sum, as_op, check_dtype, check_reduction, dtype_name, mpi_op, mpi_type
 from .process_set import resolve
 
 def set_check(enabled):
@@ -132,6 +135,63 @@ def _path(buf, comm, op, inplace=False, hierarchical=True):
 
 
 # --- allreduce --------------------------------------------------------------------------------
+# A repeated small allreduce (a loss, a metric, an overflow flag) is a few microseconds of MPI, and
+# the Python around it used to cost several times that. The work that depends only on the call's
+# signature (validation, the checked fields and their fingerprint, the MPI op and datatype, the
+# scale) is done once, by the general core, and kept on the communicator's engine; a call
+# of a host array with a known signature that is one MPI call then takes the short path below. The
+# check still runs on every call, over the same fields: ranks on the two paths agree or disagree
+# exactly as two ranks on the general path would. Nonblocking calls take it too (queued as usual).
+
+def _plan_key(x, op, name, prescale_factor, postscale_factor, inplace):
+    return x.dtype, x.shape, op, name, prescale_factor, postscale_factor, inplace, _buffers._piece
+
+
+def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake):
+    """The result (blocking) or handle of an allreduce through its cached plan; None where there is none."""
+    _, comm = resolve(process_set)
+    eng = engine_for(comm)
+    plan = eng.plans.get(_plan_key(x, op, name, prescale_factor, postscale_factor, inplace))
+    flags = x.flags
+    if plan is None or not flags.c_contiguous or (inplace and not flags.writeable):
+        return None
+    signature, fingerprint, datatype, mop, post, recycle = plan
+    seq = eng.started()
+    what = name or f"allreduce.{seq}"
+    out = x if inplace else (empty_result(numpy, x.shape, x.dtype) if recycle else numpy.empty(x.shape, x.dtype))
+    send = MPI.IN_PLACE if inplace else [x, datatype]
+
+    def run():
+        joined = check.compare(comm, "allreduce", what, signature, seq, known=fingerprint) if check.is_enabled() else ()
+        try:
+            comm.Allreduce(send, [out, datatype], op=mop)
+        except BaseException as exc:
+            _fatal.after_agreement(comm, f"allreduce of tensor {what!r}", exc)
+        # an average over the ranks that contributed when some have joined (mpidp.join)
+        return average_factor(postscale_factor, comm.Get_size(), joined) if joined and op is Average else post
+
+    def finish(factor):
+        if factor != 1.0:
+            scale(out, factor)
+        return out
+
+    if blocking:
+        return finish(eng.run(run, what, seq))
+    return eng.submit(run, what, seq, finish, wake)
+
+
+def _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post, path):
+    """Cache the plan of a host allreduce that is one MPI call (see ``allreduce_pieces``): on the
+    plain MPI path only, so a rank on the short path always does what a rank on the general one does."""
+    count = max(1, min(MAX_COUNT, _buffers._piece // x.itemsize)) if inplace else MAX_COUNT
+    if (prescale_factor != 1.0 or x.dtype in HALF or x.size > count or path not in ("MPI", "MPI, in place")
+            or uses_ring(flat(x), eng.comm.Get_size(), op.ufunc)):
+        return
+    if len(eng.plans) > 1024:
+        eng.plans.clear()
+    eng.plans[key] = (signature, check.fingerprint(signature), mpi_type(x.dtype), mop, post,
+                      x.nbytes >= _buffers.RECYCLE_BYTES)
+
 
 def _reduce(comm, path, send, recv, mop, ufunc, factor, seq):
     """Allreduce 1-D ``recv`` along ``path``; True when ``factor`` is applied."""
@@ -142,6 +202,13 @@ def _reduce(comm, path, send, recv, mop, ufunc, factor, seq):
 
 def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
                     wake=True):
+    if type(x) is numpy.ndarray:
+        out = _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake)
+        if out is not None:
+            return out
+        key = _plan_key(x, op, name, prescale_factor, postscale_factor, inplace)
+    else:
+        key = None
     op = as_op(op)
     given = name
     _, comm, eng, seq, name = _begin(process_set, "allreduce", name)
@@ -165,6 +232,8 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
                            ("shape", x.shape), ("path", path),
                            ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
                            ("piece bytes", _buffers.piece_bytes()))
+    if key is not None:
+        _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post, path)
 
     def body(joined):
         nonlocal post
@@ -225,39 +294,60 @@ def allreduce_async_(x, op=Average, name=None, prescale_factor=1.0, postscale_fa
 
 # --- grouped allreduce: many tensors, one exchange per dtype ------------------------------------
 
+def _grouped_arrays(tensors, name, inplace):
+    """Validate ``tensors`` locally, with per-dtype work done once per dtype (a grouped call often
+    has hundreds of tensors of one dtype); returns (arrays, their dtypes)."""
+    what = "grouped_allreduce_" if inplace else "grouped_allreduce"
+    if set(map(type, tensors)) - {numpy.ndarray}:
+        tensors = [_array(t, f"{name}[{i}]", "grouped_allreduce") for i, t in enumerate(tensors)]
+    dtypes = list(map(_DTYPE, tensors))
+    for dtype in dict.fromkeys(dtypes):
+        check_dtype(dtype, f"grouped_allreduce of tensor {name}[{dtypes.index(dtype)}]")
+    if inplace and not all(map(_WRITEABLE, tensors)):
+        i = next(i for i, t in enumerate(tensors) if not t.flags.writeable)
+        _writable(tensors[i], f"{name}[{i}]", what)
+    return tensors, dtypes
+
+
+_DTYPE, _SHAPE, _SIZE, _WRITEABLE = (operator.attrgetter(a) for a in ("dtype", "shape", "size", "flags.writeable"))
+
+
 def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking):
     op = as_op(op)
     given = name
     _, comm, eng, seq, name = _begin(process_set, "grouped_allreduce", name)
-    tensors = [_array(t, f"{name}[{i}]", "grouped_allreduce") for i, t in enumerate(tensors)]
-    for i, t in enumerate(tensors):
-        check_reduction(op, t.dtype, f"grouped_allreduce of tensor {name}[{i}]",
+    tensors, dtypes = _grouped_arrays(list(tensors), name, inplace)
+    for dtype in dict.fromkeys(dtypes):
+        check_reduction(op, dtype, f"grouped_allreduce of tensor {name}[{dtypes.index(dtype)}]",
                         prescale_factor != 1 or postscale_factor != 1)
-        if inplace:
-            _writable(t, f"{name}[{i}]", "grouped_allreduce_")
     xp = get_array_module(*tensors) if tensors else numpy
-    groups = {}  # dtype -> indices, in order of first appearance
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
+    if len(set(dtypes)) <= 1:
+        groups = {dtypes[0]: range(len(tensors))} if tensors else {}
+    else:
+        groups = {}  # dtype -> indices, in order of first appearance
+        for i, dtype in enumerate(dtypes):
+            groups.setdefault(dtype, []).append(i)
     buffers = []
     for dtype, idx in groups.items():
-        total = sum(tensors[i].size for i in idx)
-        fused = Staged(empty_result(xp, (total,), dtype), copy_in=False)
-        offset = 0
-        for i in idx:  # pack straight into the buffer MPI will read
-            t = tensors[i]
-            view = fused.host[offset:offset + t.size].reshape(t.shape)
-            if fused.host is fused.array:
-                view[...] = t
-            else:
+        members = [tensors[i] for i in idx]
+        ends = list(itertools.accumulate(map(_SIZE, members)))
+        fused = Staged(empty_result(xp, (ends[-1],), dtype), copy_in=False)
+        if xp is numpy:  # one copy of every tensor, straight into the buffer MPI reads, in one call
+            numpy.concatenate(members, axis=None, out=fused.host)
+        elif fused.host is fused.array:  # device memory under a CUDA-aware MPI
+            for t, a, b in zip(members, [0] + ends, ends):
+                fused.host[a:b].reshape(t.shape)[...] = t
+        else:
+            for t, a, b in zip(members, [0] + ends, ends):
+                view = fused.host[a:b].reshape(t.shape)
                 t.get(out=view) if t.flags.c_contiguous else xp.ascontiguousarray(t).get(out=view)
-            offset += t.size
         scale(fused.host, prescale_factor)
-        buffers.append((dtype, idx, fused))
+        buffers.append((dtype, idx, ends, fused))
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
-    paths = tuple(_path(fused.host, comm, op, True) for _, _, fused in buffers)
+    names = {dtype: dtype_name(dtype) for dtype in groups}
+    paths = tuple(_path(fused.host, comm, op, True) for *_, fused in buffers)
     signature = _signature(eng, "grouped_allreduce", given, ("op", op.name),
-                           ("tensors", tuple((dtype_name(t.dtype), tuple(t.shape)) for t in tensors)),
+                           ("tensors", tuple(zip(map(names.__getitem__, dtypes), map(_SHAPE, tensors)))),
                            ("path", paths),
                            ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
                            ("piece bytes", _buffers.piece_bytes()))
@@ -267,28 +357,26 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
         if joined and op is Average:
             post = average_factor(postscale_factor, comm.Get_size(), joined)
         return [_reduce(comm, path, None, fused.host, mpi_op(op, dtype), op.ufunc, post, seq)
-                for (dtype, _, fused), path in zip(buffers, paths)]
+                for (dtype, _, _, fused), path in zip(buffers, paths)]
 
     def finish(scaled):
         out = [None] * len(tensors)
-        for (dtype, idx, fused), done in zip(buffers, scaled):
+        for (dtype, idx, ends, fused), done in zip(buffers, scaled):
             result = fused.finish()
             if not done:
                 scale(result, post)
-            offset = 0
-            for i in idx:
+            for i, a, b in zip(idx, [0] + ends, ends):
                 t = tensors[i]
-                view = result[offset:offset + t.size].reshape(t.shape)
+                view = result[a:b].reshape(t.shape)
                 if inplace:
                     t[...] = view
                     out[i] = t
                 else:
                     out[i] = view
-                offset += t.size
         return out
 
     return _launch(eng, blocking, _job(comm, "grouped_allreduce", name, signature, seq, body), name, seq,
-                   finish, _release(*(fused for _, _, fused in buffers)))
+                   finish, _release(*(fused for *_, fused in buffers)))
 
 
 def grouped_allreduce(tensors, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0,

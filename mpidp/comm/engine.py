@@ -96,7 +96,7 @@ class Handle:
             self._error = exc
         finally:
             self._finish = self._value = self._release = None
-            with engine._cv:
+            with engine._lock:
                 self._state = _FINISHED
                 engine._cv.notify_all()
 
@@ -116,11 +116,13 @@ class Engine:
     def __init__(self, progress, comm=None, name="mpidp-engine"):
         self.progress, self.comm, self.name = progress, comm, name
         self._queue = collections.deque()
-        self._cv = threading.Condition()
+        self._lock = threading.RLock()  # the condition's lock; ``with self._lock`` skips its Python wrapper
+        self._cv = threading.Condition(self._lock)
         self._busy = False
         self._helpers = 0  # callers waiting in help_until: while any waits, it drives the queue
         self._thread = None
         self._stopping = False
+        self.plans = {}  # the collectives' per-signature work, cached (valid while ``comm`` is bound)
 
     def started(self):
         """Number the next collective on this communicator (program order, so equal on every rank).
@@ -149,7 +151,7 @@ class Engine:
         core is busy).
         """
         handle = Handle(what, seq, finish, self, release)
-        with self._cv:
+        with self._lock:
             if self._thread is None:
                 self._stopping = False
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
@@ -166,7 +168,7 @@ class Engine:
         if getattr(_local, "engine", None) is self:  # inside one of our jobs: already in order
             value = fn()
             return value if finish is None else finish(value)
-        with self._cv:
+        with self._lock:
             direct = not self._busy and not self._queue
             if direct:
                 self._busy = True
@@ -175,7 +177,10 @@ class Engine:
         outer = _enter(self, seq)
         self.progress.begin_wait(what, seq)
         try:
-            with timeline.span(what, "comm"):
+            if timeline.enabled():
+                with timeline.span(what, "comm"):
+                    value = fn()
+            else:  # a small collective's whole budget is a few microseconds: no null span
                 value = fn()
         except BaseException:
             if release is not None:
@@ -183,7 +188,7 @@ class Engine:
             raise
         finally:
             self.progress.end_wait()
-            with self._cv:
+            with self._lock:
                 self._busy = False
                 self._cv.notify_all()
             _leave(outer)
@@ -200,7 +205,7 @@ class Engine:
         """
         nested = getattr(_local, "engine", None) is self  # waiting inside one of our own jobs
         while True:
-            with self._cv:
+            with self._lock:
                 self._helpers += 1
                 try:
                     while handle._state == _PENDING and (not self._queue or (self._busy and not nested)):
@@ -226,18 +231,18 @@ class Engine:
 
     def drain(self):
         """Wait until every queued collective has run."""
-        with self._cv:
+        with self._lock:
             while self._queue or self._busy:
                 self._cv.wait()
 
     def idle(self):
         """True when nothing is queued or running."""
-        with self._cv:
+        with self._lock:
             return not self._queue and not self._busy
 
     def stop(self):
         """Run what is queued, then end the engine thread (a later submit starts a new one)."""
-        with self._cv:
+        with self._lock:
             thread, self._stopping = self._thread, True
             self._cv.notify_all()
         if thread is not None and thread is not threading.current_thread():
@@ -253,18 +258,18 @@ class Engine:
         finally:
             if not nested:
                 self.progress.end_wait()
-                with self._cv:
+                with self._lock:
                     self._busy = False
                     self._cv.notify_all()
             else:
-                with self._cv:
+                with self._lock:
                     self._cv.notify_all()
             _leave(outer)
 
     def _loop(self):
         numpy.seterr(all="ignore")  # this thread's own error state; reductions never raise in it
         while True:
-            with self._cv:
+            with self._lock:
                 while not self._queue or self._busy or self._helpers:
                     if self._stopping and not self._queue and not self._busy:
                         self._thread = None
@@ -348,6 +353,7 @@ def _bind(comm):
         members = tuple(int(r) for r in check._world_ranks(comm))
         if comm is runtime.get_comm():
             eng, eng.comm = _main, comm
+            eng.plans.clear()
             for stale in [k for k, e in _by_comm.items() if e is _main]:
                 del _by_comm[stale]
             eng.progress.bind(members)
