@@ -1,5 +1,6 @@
 """Process-wide MPI state: init, shutdown, ranks, and what the MPI can do."""
 import atexit
+import functools
 import os
 import sys
 import time
@@ -9,7 +10,7 @@ from mpi4py import MPI
 from .. import _env, timeline
 from ..backend import cuda_aware as _cuda_aware
 from ..backend.device import bind_device
-from ..errors import MpidpError, NotInitializedError
+from ..errors import MismatchError, MpidpError, NotInitializedError
 from . import _abort, stall
 
 
@@ -72,6 +73,38 @@ def init(comm=None, process_sets=None):
     _add_process_sets(process_sets)
 
 
+def _agree_to_end(kind, failed, deadline=None):
+    """Check that every rank ends here (``kind``: shutdown or exit) on mpidp's communicator and on
+    each process set this rank is in, each behind its own queue and all at once; ``failed(exc)``
+    gets the first MismatchError. A peer still inside a collective another rank left (one step
+    early, or a shutdown() on some ranks only) gets MismatchError naming it, not a wait for the
+    stall bound. Past ``deadline`` (monotonic), return with the checks still pending."""
+    from . import check, process_set
+    from .engine import engine_for
+    if not check.is_enabled():
+        return
+    handles = []
+    for comm in [_state.comm] + [ps.comm for ps in process_set._created if ps.comm is not None]:
+        if comm.Get_size() > 1:
+            eng = engine_for(comm)
+            seq = eng.started()
+            signature = (("collective", kind), ("process set", eng.progress.label), ("name", kind))
+            handles.append(eng.submit(functools.partial(check.compare, comm, kind, kind, signature, seq),
+                                      f"{kind} check", seq))
+    while handles and (deadline is None or time.monotonic() < deadline):
+        for h in [h for h in handles if h.done()]:
+            handles.remove(h)
+            try:
+                h.wait()
+            except MismatchError as exc:
+                return failed(exc)
+        time.sleep(0.001)
+
+
+def _raise(exc):
+    raise exc
+
+
 def _in_order(fn, what):
     """Run ``fn`` (MPI calls on mpidp's communicators) behind every collective queued before it."""
     from .engine import engine
@@ -87,9 +120,9 @@ def shutdown():
         _state.__init__()
         return
     from . import process_set
+    _agree_to_end("shutdown", _raise)  # behind the collectives in flight, which complete first
     if timeline.enabled():
         timeline.save()
-    _in_order(lambda: None, "shutdown: collectives in flight")  # they complete, watched by the inspector
     from .engine import stop_all
     stop_all()  # every communicator's queue runs out and its engine thread ends before any free
     stall.stop()
@@ -157,6 +190,12 @@ def _exit_without_shutdown():
                 _give_up(comm, "did not exit")
             time.sleep(0.001)
 
+    def report(exc):  # then the barrier: a peer that raises aborts the job, else the deadline does
+        sys.stderr.write(f"[rank {comm.Get_rank()}] exited without mpidp.shutdown() while other ranks were "
+                         f"inside a collective: {type(exc).__name__}: {exc}\n")
+        sys.stderr.flush()
+
+    _agree_to_end("exit", report, deadline)
     # the engine thread runs the queue and then the barrier (MPI from one thread, in order)
     done = engine.submit(barrier, "exit barrier", stall.started())
     while not (done.done() and all(e.idle() for e in others)):

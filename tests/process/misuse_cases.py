@@ -135,6 +135,10 @@ CASES = [
            "if r != 1:\n    mpidp.allreduce(numpy.ones(4), name='loss')\nelse:\n    time.sleep(60)\n",
            np=3, rc="nonzero", message=r"stall: waiting \d+ s in loss .*ranks not in it: 1", ranks=(0, 2),
            bound_s=15, note="MPIDP_STALL_ABORT_S=5 here; by default the job ends after 300 s"),
+    Misuse("leave_early_shutdown", "rank 1 leaves the loop one step early and calls shutdown()",
+           "for step in range(3 if r == 1 else 4):\n    mpidp.allreduce(numpy.ones(4), name='loss')\nmpidp.shutdown()\n",
+           np=3, rc="nonzero", message=r"MismatchError: .*'loss'.*collective differs .*'shutdown'",
+           note="default stall and exit bounds would apply here: the check of shutdown() ends it"),
     Misuse("overlapping_sets", "process sets [0,1], [1,2], [0,2] used in different orders",
            "sets = [mpidp.ProcessSet(s) for s in ([0, 1], [1, 2], [0, 2])]\n"
            "mine = [s for s in sets if s.included()]\n"
