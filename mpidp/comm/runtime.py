@@ -73,36 +73,45 @@ def init(comm=None, process_sets=None):
     _add_process_sets(process_sets)
 
 
-def _agree_to_end(kind, failed, deadline=None):
-    """Check that every rank ends here (``kind``: shutdown or exit) on mpidp's communicator and on
-    each process set this rank is in, each behind its own queue and all at once; ``failed(exc)``
-    gets the first MismatchError. A peer still inside a collective another rank left (one step
-    early, or a shutdown() on some ranks only) gets MismatchError naming it, not a wait for the
-    stall bound. Past ``deadline`` (monotonic), return with the checks still pending."""
+def _end_checks(kind):
+    """Queue the check that every rank ends here (``kind``: shutdown or exit) on mpidp's communicator
+    and on each process set this rank is in, each behind its own queue; returns their handles.
+
+    A peer still inside a collective that this rank left (one step early, or a shutdown() on some
+    ranks only) meets the check there and gets a MismatchError naming that collective at once,
+    not a wait for the stall bound. Skipped with the agreement check off.
+    """
     from . import check, process_set
     from .engine import engine_for
     if not check.is_enabled():
-        return
+        return []
     handles = []
     for comm in [_state.comm] + [ps.comm for ps in process_set._created if ps.comm is not None]:
         if comm.Get_size() > 1:
             eng = engine_for(comm)
             seq = eng.started()
             signature = (("collective", kind), ("process set", eng.progress.label), ("name", kind))
-            handles.append(eng.submit(functools.partial(check.compare, comm, kind, kind, signature, seq),
-                                      f"{kind} check", seq))
-    while handles and (deadline is None or time.monotonic() < deadline):
-        for h in [h for h in handles if h.done()]:
-            handles.remove(h)
-            try:
-                h.wait()
-            except MismatchError as exc:
-                return failed(exc)
-        time.sleep(0.001)
+            job = (functools.partial(_exit_check, comm, signature) if kind == "exit" else
+                   functools.partial(check.compare, comm, kind, kind, signature, seq))
+            handles.append(eng.submit(job, f"{kind} check", seq))
+    return handles
 
 
-def _raise(exc):
-    raise exc
+def _exit_check(comm, signature):
+    """The exit's check, repeated until every rank exits: each peer still inside a collective gets
+    a MismatchError (this rank says so once), and once they exit too the check passes. Unnumbered,
+    so that it meets the peers' exit checks whatever they did before; the exit deadline bounds it."""
+    from . import check
+    reported = False
+    while True:
+        try:
+            return check.compare(comm, "exit", "exit", signature, 0)
+        except MismatchError as exc:
+            if not reported:
+                reported = True
+                sys.stderr.write(f"[rank {_state.comm.Get_rank()}] exited without mpidp.shutdown() while other "
+                                 f"ranks were inside a collective: {exc}\n")
+                sys.stderr.flush()
 
 
 def _in_order(fn, what):
@@ -120,7 +129,12 @@ def shutdown():
         _state.__init__()
         return
     from . import process_set
-    _agree_to_end("shutdown", _raise)  # behind the collectives in flight, which complete first
+    checks = _end_checks("shutdown")  # behind the collectives in flight, which complete first
+    while checks:  # each on its own communicator's queue: the first MismatchError is raised here
+        for h in [h for h in checks if h.done()]:
+            checks.remove(h)
+            h.wait()
+        time.sleep(0.001)
     if timeline.enabled():
         timeline.save()
     from .engine import stop_all
@@ -178,7 +192,6 @@ def _exit_without_shutdown():
     or abort so none hangs (both within MPIDP_EXIT_TIMEOUT_S)."""
     from .engine import engine, engines
     comm = _state.comm
-    others = [e for e in engines() if e is not engine]  # process sets' queues finish too
     deadline = time.monotonic() + _env.get("MPIDP_EXIT_TIMEOUT_S")
 
     def barrier():
@@ -190,12 +203,8 @@ def _exit_without_shutdown():
                 _give_up(comm, "did not exit")
             time.sleep(0.001)
 
-    def report(exc):  # then the barrier: a peer that raises aborts the job, else the deadline does
-        sys.stderr.write(f"[rank {comm.Get_rank()}] exited without mpidp.shutdown() while other ranks were "
-                         f"inside a collective: {type(exc).__name__}: {exc}\n")
-        sys.stderr.flush()
-
-    _agree_to_end("exit", report, deadline)
+    _end_checks("exit")
+    others = [e for e in engines() if e is not engine]  # process sets' queues finish too
     # the engine thread runs the queue and then the barrier (MPI from one thread, in order)
     done = engine.submit(barrier, "exit barrier", stall.started())
     while not (done.done() and all(e.idle() for e in others)):

@@ -47,7 +47,26 @@ def test_exit_one_step_early(tmp_path):
             mpidp.allreduce(numpy.ones(4), name="loss")
     """)
     assert_reported(rc, out, seconds, "exit")
-    assert "[rank 1] exited without mpidp.shutdown()" in out, out[-3000:]
+
+
+def test_exit_after_a_local_error_on_one_rank(tmp_path):
+    # rank 1's allreduce_ fails before any communication (read-only output); it leaves, rank 0
+    # gets MismatchError from the check of its allreduce; both then exit 1 at once (no abort, no
+    # wait for a bound: the exit checks meet whatever each rank did before)
+    rc, out, seconds = job(tmp_path, """
+        x = numpy.ones(4)
+        x.flags.writeable = r != 1
+        try:
+            mpidp.allreduce_(x, name="loss")
+        except (ValueError, mpidp.MismatchError) as exc:
+            print(f"[rank {r}] {type(exc).__name__}: {exc}", flush=True)
+            sys.exit(1)
+    """, np=2)
+    assert rc == 1 and seconds < BOUND_S, f"rc={rc} {seconds:.1f} s\n{out[-3000:]}"
+    assert "[rank 1] ValueError: allreduce_ of tensor 'loss'" in out, out[-3000:]
+    assert re.search(r"\[rank 0\] MismatchError: .*collective differs \(rank 0 has 'allreduce'; rank 1 has 'exit'\)",
+                     out), out[-3000:]
+    assert "Abort" not in out and "stall" not in out, out[-3000:]
 
 
 def test_shutdown_on_one_rank_only(tmp_path):
