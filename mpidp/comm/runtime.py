@@ -91,16 +91,17 @@ def _end_checks(kind):
             eng = engine_for(comm)
             seq = eng.started()
             signature = (("collective", kind), ("process set", eng.progress.label), ("name", kind))
+            # unnumbered (0): the end meets the peers' end whatever each rank did before
             job = (functools.partial(_exit_check, comm, signature) if kind == "exit" else
-                   functools.partial(check.compare, comm, kind, kind, signature, seq))
+                   functools.partial(check.compare, comm, kind, kind, signature, 0))
             handles.append(eng.submit(job, f"{kind} check", seq))
     return handles
 
 
 def _exit_check(comm, signature):
     """The exit's check, repeated until every rank exits: each peer still inside a collective gets
-    a MismatchError (this rank says so once), and once they exit too the check passes. Unnumbered,
-    so that it meets the peers' exit checks whatever they did before; the exit deadline bounds it."""
+    a MismatchError (this rank says so once), and once they exit too the check passes; the exit
+    deadline bounds it."""
     from . import check
     reported = False
     while True:

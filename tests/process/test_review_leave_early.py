@@ -106,3 +106,25 @@ def test_clean_end_still_exits_zero(tmp_path):
     """)
     assert rc == 0, out[-3000:]
     assert out.count("sums [3.0, 3.0, 3.0, 2.0]") == 2 and "[rank 2] sums [3.0, 3.0, 3.0]" in out, out[-3000:]
+
+
+def test_shutdown_after_a_mismatch_meets_the_peers_shutdown(tmp_path):
+    # rank 1's allreduce_ fails locally; each rank catches what it gets and shuts down (rank 1's
+    # first shutdown() meets rank 0's allreduce and raises too; its second one meets rank 0's)
+    rc, out, seconds = job(tmp_path, """
+        x = numpy.ones(4)
+        x.flags.writeable = r != 1
+        try:
+            mpidp.allreduce_(x, name="loss")
+        except (ValueError, mpidp.MismatchError) as exc:
+            print(f"[rank {r}] {type(exc).__name__}", flush=True)
+        for attempt in range(3):
+            try:
+                mpidp.shutdown()
+                break
+            except mpidp.MismatchError as exc:
+                print(f"[rank {r}] shutdown: {exc}", flush=True)
+        print(f"[rank {r}] shut down: {not mpidp.is_initialized()}", flush=True)
+    """, np=2)
+    assert rc == 0 and seconds < BOUND_S, f"rc={rc} {seconds:.1f} s\n{out[-3000:]}"
+    assert "[rank 0] shut down: True" in out and "[rank 1] shut down: True" in out, out[-3000:]
