@@ -197,7 +197,8 @@ class DistributedOptimizer:
                     ("compression", self.compression.name),
                     ("backward_passes_per_step", self.backward_passes_per_step),
                     ("process_set", tuple(self.process_set.ranks)))
-        agree_in_order(self._comm, "DistributedOptimizer", settings + self._signature,
+        comm = _ps.resolve(self._set_arg)[1]  # the set's communicator now: a re-init gives it a new one
+        agree_in_order(comm, "DistributedOptimizer", settings + self._signature,
                        "build the same model and DistributedOptimizer (op, gradient_predivide_factor, "
                        "compression, backward_passes_per_step, process_set) on every rank")
         self._verified = True

@@ -223,7 +223,7 @@ class ShardedOptimizer:
 
     def _fire(self, bucket):
         if not self._verified:
-            agree_in_order(self._comm, "ShardedOptimizer", self._signature,
+            agree_in_order(_ps.resolve(self._set_arg)[1], "ShardedOptimizer", self._signature,  # after a re-init too
                            "build the same model, optimizer and ShardedOptimizer (stage, "
                            "backward_passes_per_step, process_set) on every rank")
             self._verified = True
