@@ -100,8 +100,9 @@ CASES = [
          message=r"checkpoint \S*ckpt-00000005\.npz \(signal\)",
          note="agreed stop at the next step boundary, final checkpoint, every rank exits 143"),
     Case("exit_without_shutdown", "one rank returns mid-training without `shutdown()`", "exit",
-         rc=1, message=r"\[rank 1\] exited without mpidp.shutdown\(\)", np=3,
-         env={"MPIDP_EXIT_TIMEOUT_S": "2"}, good_step=2, note="MPIDP_EXIT_TIMEOUT_S=2"),
+         rc="nonzero", message=r"mismatched \w+ of tensor .*; rank 1 has 'exit'", np=3, good_step=2, reporter="any",
+         note="default bounds: the check of its exit meets the others' gradient allreduce, which raises "
+              "MismatchError (exit code 1, or 9 when hydra reports a peer's SIGKILL first)"),
     Case("mismatched_models", "mismatched models (rank 1 has a wider hidden layer)", "mismatch",
          rc=1, every_rank=True, np=3,
          message=r"MismatchError: mismatched broadcast of tensor '0\.weight': shape differs"),
