@@ -18,7 +18,21 @@ def _group(kind, tensors, name, process_set, start):
     seq = eng.started()
     name = name or f"{kind}.{seq}"
     handles = [start(t, f"{name}[{i}]") for i, t in enumerate(tensors)]
-    return eng.submit(lambda: None, name, seq, lambda _: [h.wait() for h in handles])
+    return eng.submit(lambda: None, name, seq, lambda _: _wait_all(handles))
+
+
+def _wait_all(handles):
+    """Every member's result; a member that raised raises here, once all are finished (each
+    finish gives its staging buffers back)."""
+    results, error = [], None
+    for h in handles:
+        try:
+            results.append(h.wait())
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+    return results
 
 
 def _allgather(tensors, name, process_set):

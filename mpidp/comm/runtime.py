@@ -1,5 +1,6 @@
 """Process-wide MPI state: init, shutdown, ranks, and what the MPI can do."""
 import atexit
+import functools
 import os
 import sys
 import time
@@ -9,7 +10,7 @@ from mpi4py import MPI
 from .. import _env, timeline
 from ..backend import cuda_aware as _cuda_aware
 from ..backend.device import bind_device
-from ..errors import MpidpError, NotInitializedError
+from ..errors import MismatchError, MpidpError, NotInitializedError
 from . import _abort, stall
 
 
@@ -75,6 +76,48 @@ def init(comm=None, process_sets=None):
     _add_process_sets(process_sets)
 
 
+def _end_checks(kind):
+    """Queue the check that every rank ends here (``kind``: shutdown or exit) on mpidp's communicator
+    and on each process set this rank is in, each behind its own queue; returns their handles.
+
+    A peer still inside a collective that this rank left (one step early, or a shutdown() on some
+    ranks only) meets the check there and gets a MismatchError naming that collective at once,
+    not a wait for the stall bound. Skipped with the agreement check off.
+    """
+    from . import check, process_set
+    from .engine import engine_for
+    if not check.is_enabled():
+        return []
+    handles = []
+    for comm in [_state.comm] + [ps.comm for ps in process_set._created if ps.comm is not None]:
+        if comm.Get_size() > 1:
+            eng = engine_for(comm)
+            seq = eng.started()
+            signature = (("collective", kind), ("process set", eng.progress.label), ("name", kind))
+            # unnumbered (0): the end meets the peers' end whatever each rank did before
+            job = (functools.partial(_exit_check, comm, signature) if kind == "exit" else
+                   functools.partial(check.compare, comm, kind, kind, signature, 0))
+            handles.append(eng.submit(job, f"{kind} check", seq))
+    return handles
+
+
+def _exit_check(comm, signature):
+    """The exit's check, repeated until every rank exits: each peer still inside a collective gets
+    a MismatchError (this rank says so once), and once they exit too the check passes; the exit
+    deadline bounds it."""
+    from . import check
+    reported = False
+    while True:
+        try:
+            return check.compare(comm, "exit", "exit", signature, 0)
+        except MismatchError as exc:
+            if not reported:
+                reported = True
+                sys.stderr.write(f"[rank {_state.comm.Get_rank()}] exited without mpidp.shutdown() while other "
+                                 f"ranks were inside a collective: {exc}\n")
+                sys.stderr.flush()
+
+
 def _in_order(fn, what):
     """Run ``fn`` (MPI calls on mpidp's communicators) behind every collective queued before it."""
     from .engine import engine
@@ -90,9 +133,14 @@ def shutdown():
         _state.__init__()
         return
     from . import process_set
+    checks = _end_checks("shutdown")  # behind the collectives in flight, which complete first
+    while checks:  # each on its own communicator's queue: the first MismatchError is raised here
+        for h in [h for h in checks if h.done()]:
+            checks.remove(h)
+            h.wait()
+        time.sleep(0.001)
     if timeline.enabled():
         timeline.save()
-    _in_order(lambda: None, "shutdown: collectives in flight")  # they complete, watched by the inspector
     from .engine import stop_all
     stop_all()  # every communicator's queue runs out and its engine thread ends before any free
     stall.stop()
@@ -149,7 +197,6 @@ def _exit_without_shutdown():
     or abort so none hangs (both within MPIDP_EXIT_TIMEOUT_S)."""
     from .engine import engine, engines
     comm = _state.comm
-    others = [e for e in engines() if e is not engine]  # process sets' queues finish too
     deadline = time.monotonic() + _env.get("MPIDP_EXIT_TIMEOUT_S")
 
     def barrier():
@@ -161,6 +208,8 @@ def _exit_without_shutdown():
                 _give_up(comm, "did not exit")
             time.sleep(0.001)
 
+    _end_checks("exit")
+    others = [e for e in engines() if e is not engine]  # process sets' queues finish too
     # the engine thread runs the queue and then the barrier (MPI from one thread, in order)
     done = engine.submit(barrier, "exit barrier", stall.started())
     while not (done.done() and all(e.idle() for e in others)):

@@ -54,7 +54,36 @@ def _arena(xp, count, dtype):
     return empty_host(count * dtype.itemsize).view(dtype)
 
 
-class DistributedOptimizer:
+class _Rounds:
+    """What the DistributedOptimizer and the ShardedOptimizer share: the rounds of backward passes
+    between exchanges, and the wrapped optimizer's parameter groups and state."""
+
+    def _new_round(self):
+        """No bucket in flight or counted: the next backward passes start the next exchange."""
+        for bucket in self.buckets:
+            bucket.handle = None
+        self._counts.reset()
+        self._next_fire = 0
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally: no bucket starts inside (the next step communicates)."""
+        self._sync_off = True
+        try:
+            yield
+        finally:
+            self._sync_off = False
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+
+class DistributedOptimizer(_Rounds):
     """Wrap ``optimizer`` so that ``step()`` applies gradients averaged over all ranks.
 
     ``named_parameters`` (or ``model``) gives the names used in errors; without
@@ -200,7 +229,8 @@ class DistributedOptimizer:
                     ("compression", self.compression.name),
                     ("backward_passes_per_step", self.backward_passes_per_step),
                     ("process_set", tuple(self.process_set.ranks)))
-        agree_in_order(self._comm, "DistributedOptimizer", settings + self._signature,
+        comm = _ps.resolve(self._set_arg)[1]  # the set's communicator now: a re-init gives it a new one
+        agree_in_order(comm, "DistributedOptimizer", settings + self._signature,
                        "build the same model and DistributedOptimizer (op, gradient_predivide_factor, "
                        "compression, backward_passes_per_step, process_set) on every rank")
         self._verified = True
@@ -225,13 +255,6 @@ class DistributedOptimizer:
         self._new_round()
         self._synchronized = True
 
-    def _new_round(self):
-        """No bucket in flight or counted: the next backward passes start the next exchange."""
-        for bucket in self.buckets:
-            bucket.handle = None
-        self._counts.reset()
-        self._next_fire = 0
-
     def step(self):
         """Average the gradients (unless ``synchronize()`` already did) and update the parameters."""
         if not self._skip_sync:
@@ -247,15 +270,6 @@ class DistributedOptimizer:
             self.optimizer.step()
         self._synchronized = False
         self.stats["steps"] += 1
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Accumulate gradients locally: no bucket starts inside (the next step communicates)."""
-        self._sync_off = True
-        try:
-            yield
-        finally:
-            self._sync_off = False
 
     def zero_grad(self):
         """Zero every gradient (whole bucket buffers at once) and forget the passes counted so far.
@@ -292,15 +306,7 @@ class DistributedOptimizer:
         self.backward_passes_per_step = int(passes)
         self._verified = False  # part of the checked plan: a rank that changed it alone is caught
 
-    # -- pass-through of the wrapped optimizer ---------------------------------------------------
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
+    # -- pass-through of the wrapped optimizer (param_groups, state: _Rounds) ----------------------
     def state_dict(self):
         return self.optimizer.state_dict()
 

@@ -27,7 +27,7 @@ from ..backend.xp import asnumpy, get_array_module
 from ..comm import check, collectives, ops, process_set as _ps
 from ..nn.parameter import Parameter
 from ..fusion import ReadyCounts, plan_buckets
-from .optimizer import FIRST_BUCKET_BYTES, DistributedOptimizer, agree_in_order, fusion_threshold
+from .optimizer import FIRST_BUCKET_BYTES, DistributedOptimizer, _Rounds, agree_in_order, fusion_threshold
 
 try:  # the timeline is optional: spans cost nothing when it is off or absent
     from ..timeline import span as _span
@@ -83,7 +83,7 @@ class _Bucket:
         return flat
 
 
-class ShardedOptimizer:
+class ShardedOptimizer(_Rounds):
     """Wrap ``optimizer``: average gradients by reduce-scatter, update this rank's shard, allgather.
 
     Same use as the DistributedOptimizer (``step``, ``zero_grad``, ``synchronize``,
@@ -223,7 +223,7 @@ class ShardedOptimizer:
 
     def _fire(self, bucket):
         if not self._verified:
-            agree_in_order(self._comm, "ShardedOptimizer", self._signature,
+            agree_in_order(_ps.resolve(self._set_arg)[1], "ShardedOptimizer", self._signature,  # after a re-init too
                            "build the same model, optimizer and ShardedOptimizer (stage, "
                            "backward_passes_per_step, process_set) on every rank")
             self._verified = True
@@ -262,13 +262,6 @@ class ShardedOptimizer:
         self._new_round()
         self._synchronized = True
 
-    def _new_round(self):
-        """No bucket in flight or counted: the next backward passes start the next reduction."""
-        for bucket in self.buckets:
-            bucket.handle = None
-        self._counts.reset()
-        self._next_fire = 0
-
     def step(self):
         """Average the gradients (unless ``synchronize()`` did), update this rank's shards, allgather them."""
         self.synchronize()
@@ -283,15 +276,6 @@ class ShardedOptimizer:
                     self.stats["gather_bytes"] += b.data.nbytes
         self._synchronized = False
         self.stats["steps"] += 1
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Accumulate gradients locally: no bucket starts inside (the next step communicates)."""
-        self._sync_off = True
-        try:
-            yield
-        finally:
-            self._sync_off = False
 
     def zero_grad(self):
         """Zero the gradients and forget the passes counted so far (stage 2: give back buffers a
@@ -326,14 +310,6 @@ class ShardedOptimizer:
         return total
 
     # -- state --------------------------------------------------------------------------------------
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
     def init_state(self):
         self.optimizer.init_state()
 

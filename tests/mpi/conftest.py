@@ -39,3 +39,14 @@ def tol(dtype):
     dtype = numpy.dtype(dtype)
     return {2: 1e-2, 4: 1e-5, 8: 1e-12}.get(dtype.itemsize, 0) if dtype.kind == "f" or \
         dtype == bfloat16 else 0
+
+
+@pytest.fixture(autouse=True)
+def _remove_process_sets_after_each_test():
+    """A test's process sets are removed after it (every rank alike), so a later test may create
+    a set of the same ranks: add_process_set refuses a duplicate."""
+    from mpidp.comm import process_set
+    before = list(process_set._created)
+    yield
+    for ps in [p for p in process_set._created if p not in before]:
+        mpidp.remove_process_set(ps)

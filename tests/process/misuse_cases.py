@@ -15,7 +15,6 @@ from pathlib import Path
 
 # every case runs with these: the default abort bound is 300 s, shortened here so hangs end quickly
 ENV = {"MPIDP_STALL_WARNING_S": "1", "MPIDP_STALL_ABORT_S": "5", "MPIDP_EXIT_TIMEOUT_S": "10"}
-CORE = "expected fixed by the core branch (issue 17 defects 3, 4, 8): an xfail until it is merged"
 
 HEAD = """\
 import os, sys, time
@@ -89,20 +88,20 @@ CASES = [
            rc="nonzero", message=r"MpidpError: gradient of '\w+' was computed again"),
     Misuse("kind_differs", "allreduce on rank 0, reducescatter on the others",
            "x = numpy.ones(4)\ny = mpidp.allreduce(x) if r == 0 else mpidp.reducescatter(x)\nsay(f'got {y}')\n",
-           rc="nonzero", message=r"MismatchError", xfail=CORE),
+           rc="nonzero", message=r"MismatchError"),
     Misuse("allgather_vs_allreduce", "allgather on rank 0, allreduce on the others",
            "x = numpy.ones(4)\ny = mpidp.allgather(x) if r == 0 else mpidp.allreduce(x)\nsay(f'got {y}')\n",
-           rc="nonzero", message=r"MismatchError", xfail=CORE),
+           rc="nonzero", message=r"MismatchError"),
     Misuse("piece_bytes_differ", "set_piece_bytes differs per rank (a ring allreduce)",
            "from mpidp.comm import _buffers\n_buffers.set_piece_bytes(1 << 16 if r == 0 else 1 << 18)\n"
            "y = mpidp.allreduce(numpy.ones(1 << 20), op=mpidp.Sum)\nsay(f'sum {y[:2]}')\n",
-           rc="nonzero", message=r"MismatchError", xfail=CORE),
+           rc="nonzero", message=r"MismatchError"),
     Misuse("names_swapped", "two same-shape tensors reduced in swapped order",
            "a, b = numpy.full(4, 1.0), numpy.full(4, 10.0)\n"
            "if r == 0:\n    ya, yb = mpidp.allreduce(a, name='a'), mpidp.allreduce(b, name='b')\n"
            "else:\n    yb, ya = mpidp.allreduce(b, name='b'), mpidp.allreduce(a, name='a')\n"
            "say(f'a -> {ya[0]}, b -> {yb[0]}')\n",
-           rc="nonzero", message=r"MismatchError: .*name", xfail=CORE),
+           rc="nonzero", message=r"MismatchError: .*name"),
     Misuse("read_only_output", "read-only output array on rank 1",
            "x = numpy.ones(8)\nx.flags.writeable = r != 1\nmpidp.allreduce_(x)\nsay(f'got {x[:2]}')\n",
            rc="nonzero", message=r"(ValueError|BufferError|TypeError)", ranks=(1,)),
@@ -136,11 +135,15 @@ CASES = [
            "if r != 1:\n    mpidp.allreduce(numpy.ones(4), name='loss')\nelse:\n    time.sleep(60)\n",
            np=3, rc="nonzero", message=r"stall: waiting \d+ s in loss .*ranks not in it: 1", ranks=(0, 2),
            bound_s=15, note="MPIDP_STALL_ABORT_S=5 here; by default the job ends after 300 s"),
+    Misuse("leave_early_shutdown", "rank 1 leaves the loop one step early and calls shutdown()",
+           "for step in range(3 if r == 1 else 4):\n    mpidp.allreduce(numpy.ones(4), name='loss')\nmpidp.shutdown()\n",
+           np=3, rc="nonzero", message=r"MismatchError: .*'loss'.*collective differs .*'shutdown'",
+           note="default stall and exit bounds would apply here: the check of shutdown() ends it"),
     Misuse("overlapping_sets", "process sets [0,1], [1,2], [0,2] used in different orders",
            "sets = [mpidp.ProcessSet(s) for s in ([0, 1], [1, 2], [0, 2])]\n"
            "mine = [s for s in sets if s.included()]\n"
            "for s in (mine if r != 1 else mine[::-1]):\n    mpidp.allreduce(numpy.ones(4), process_set=s)\n",
-           np=3, rc=0, message=r"finished", xfail=CORE),
+           np=3, rc=0, message=r"finished"),
 ]
 
 
