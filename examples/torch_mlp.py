@@ -9,8 +9,12 @@ process on the whole global batch and compare: N ranks x batch B must give the s
 parameters as one process x batch N*B.
 """
 import argparse
+import sys
 
-import torch
+try:
+    import torch
+except ImportError:  # an optional extra: say so instead of a traceback on every rank
+    sys.exit("examples/torch_mlp.py needs PyTorch: pip install torch (a CPU build will do)")
 
 import mpidp
 
