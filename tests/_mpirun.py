@@ -49,3 +49,12 @@ def run(args, np=None, timeout=120, env=None, cwd=ROOT):
 
 def python(*args):
     return [sys.executable, *args]
+
+
+def mpidp_job(tmp_path, body, np=3, env=None, timeout=60):
+    """Run ``body`` (indented code, after ``mpidp.init()`` and ``r = mpidp.rank()``) as an mpiexec job."""
+    import textwrap
+    script = tmp_path / "job.py"
+    script.write_text("import os, sys, time\nimport numpy\nimport mpidp\nmpidp.init()\n"
+                      "r = mpidp.rank()\n" + textwrap.dedent(body))
+    return run(python(script), np=np, timeout=timeout, env=env)

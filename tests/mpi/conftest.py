@@ -50,3 +50,22 @@ def _remove_process_sets_after_each_test():
     yield
     for ps in [p for p in process_set._created if p not in before]:
         mpidp.remove_process_set(ps)
+
+
+def count_pool(monkeypatch):
+    """Count the pinned pool's acquires and releases for the rest of the test: {"acquire", "release"}."""
+    from mpidp.backend import pinned
+    counts = {"acquire": 0, "release": 0}
+    real_acquire, real_release = pinned.pool.acquire, pinned.pool.release
+
+    def acquire(nbytes):
+        counts["acquire"] += 1
+        return real_acquire(nbytes)
+
+    def release(buf):
+        counts["release"] += 1
+        return real_release(buf)
+
+    monkeypatch.setattr(pinned.pool, "acquire", acquire)
+    monkeypatch.setattr(pinned.pool, "release", release)
+    return counts

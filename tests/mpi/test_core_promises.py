@@ -12,8 +12,9 @@ import pytest
 from mpi4py import MPI
 
 import mpidp
-from mpidp.backend import pinned
 from mpidp.comm import _buffers, check, collectives, engine as engine_mod, runtime
+
+from conftest import count_pool
 
 RING = 64 * 1024  # float64 elements per rank: over _buffers.RING_FROM, so large host reductions ride the ring
 
@@ -267,19 +268,7 @@ class _FakeDevice(numpy.ndarray):
 def test_a_handle_that_raises_gives_its_staging_buffers_back(rank, size, monkeypatch):
     monkeypatch.setattr(_buffers, "is_cupy", lambda a: isinstance(a, _FakeDevice))
     monkeypatch.setattr(runtime, "cuda_aware", lambda *a, **k: False)
-    counts = {"acquire": 0, "release": 0}
-    real_acquire, real_release = pinned.pool.acquire, pinned.pool.release
-
-    def acquire(nbytes):
-        counts["acquire"] += 1
-        return real_acquire(nbytes)
-
-    def release(buf):
-        counts["release"] += 1
-        return real_release(buf)
-
-    monkeypatch.setattr(pinned.pool, "acquire", acquire)
-    monkeypatch.setattr(pinned.pool, "release", release)
+    counts = count_pool(monkeypatch)
     for i in range(10):
         x = numpy.ones(3 + (rank == 1)).view(_FakeDevice)
         with pytest.raises(mpidp.MismatchError):

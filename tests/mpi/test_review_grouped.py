@@ -5,8 +5,9 @@ import numpy
 import pytest
 
 import mpidp
-from mpidp.backend import pinned
 from mpidp.comm import _buffers, collectives, runtime
+
+from conftest import count_pool
 
 
 class _FakeDevice(numpy.ndarray):
@@ -42,19 +43,7 @@ def counted_pool(monkeypatch):
     real_module = collectives.get_array_module
     monkeypatch.setattr(collectives, "get_array_module",
                         lambda *a: _FakeXP if any(isinstance(x, _FakeDevice) for x in a) else real_module(*a))
-    counts = {"acquire": 0, "release": 0}
-    real_acquire, real_release = pinned.pool.acquire, pinned.pool.release
-
-    def acquire(nbytes):
-        counts["acquire"] += 1
-        return real_acquire(nbytes)
-
-    def release(buf):
-        counts["release"] += 1
-        return real_release(buf)
-
-    monkeypatch.setattr(pinned.pool, "acquire", acquire)
-    monkeypatch.setattr(pinned.pool, "release", release)
+    counts = count_pool(monkeypatch)
     return counts
 
 

@@ -1,18 +1,13 @@
 """A failing, exiting or stalled rank ends the whole job quickly, saying which rank and why."""
-import textwrap
 
 import pytest
 
-from _mpirun import python, run
+from _mpirun import mpidp_job
 
 pytestmark = pytest.mark.spawns
 
 
-def job(tmp_path, body, np=3, env=None, timeout=60):
-    script = tmp_path / "job.py"
-    script.write_text("import os, sys, time\nimport numpy\nimport mpidp\nmpidp.init()\n"
-                      "r = mpidp.rank()\n" + textwrap.dedent(body))
-    return run(python(script), np=np, timeout=timeout, env=env)
+job = mpidp_job
 
 
 def test_exception_on_one_rank_aborts_everyone(tmp_path):

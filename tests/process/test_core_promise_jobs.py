@@ -1,20 +1,15 @@
 """Whole jobs for the comm core's promises (issue 17): the stall report is right per process set,
 and a collective that fails on one rank after the ranks agreed ends the job instead of leaving a
 silently wrong result or a hang."""
-import textwrap
 
 import pytest
 
-from _mpirun import python, run
+from _mpirun import mpidp_job
 
 pytestmark = pytest.mark.spawns
 
 
-def job(tmp_path, body, np=3, env=None, timeout=60):
-    script = tmp_path / "job.py"
-    script.write_text("import os, sys, time\nimport numpy\nimport mpidp\nmpidp.init()\n"
-                      "r = mpidp.rank()\n" + textwrap.dedent(body))
-    return run(python(script), np=np, timeout=timeout, env=env)
+job = mpidp_job
 
 
 def test_stall_report_compares_the_sets_own_collectives(tmp_path):
