@@ -1,8 +1,12 @@
-"""Cheap cross-rank agreement check: one 16-byte allreduce, details only when ranks differ.
+"""Cheap cross-rank agreement check: one small MPI call, details only when ranks differ.
 
 Every collective starts with it, so ranks that are about to run different collectives
 (an allreduce here, an allgather there) meet in the same MPI call and all raise
-MismatchError instead of hanging in different ones.
+MismatchError instead of hanging in different ones. Up to ``GATHER_RANKS`` ranks that
+call is an Allgather of one ``ROW``-byte row per rank: the fingerprint, then room for a
+small collective's whole payload (a loss, a metric, an overflow flag), which then needs
+no MPI call of its own. Above, it is a 16-byte MIN Allreduce, whose cost grows with the
+logarithm of the ranks where an allgather's grows with the ranks.
 """
 import hashlib
 
@@ -29,6 +33,17 @@ def set_enabled(enabled):
     global _enabled
     old, _enabled = _enabled, bool(enabled)
     return old
+
+
+GATHER_RANKS = 32
+ROW = 128
+"""Bytes each rank sends in the check where the check is an Allgather: 8 of fingerprint, then up to
+``ROW - 8`` of payload (the same on every rank: every collective's first call must match)."""
+
+
+def carrying(comm):
+    """Bytes of payload the check on ``comm`` can carry (0 where it carries none)."""
+    return ROW - 8 if comm.Get_size() <= GATHER_RANKS else 0
 
 
 _known = {}  # signature -> fingerprint: training repeats the same few signatures every step
@@ -59,10 +74,12 @@ def agree(comm, collective, name, signature, advice=None):
     eng.run(lambda: compare(comm, collective, name, signature, seq, advice), f"{collective} check", seq)
 
 
-def compare(comm, collective, name, signature, seq, advice=None, known=None):
+def compare(comm, collective, name, signature, seq, advice=None, known=None, carry=None):
     """The check itself, for code running as a job of ``comm``'s engine: ``signature`` and the
     communicator's sequence number ``seq`` must be equal on every rank. ``known`` is
-    ``fingerprint(signature)`` where the caller kept it (a repeated collective's plan). Returns
+    ``fingerprint(signature)`` where the caller kept it (a repeated collective's plan). ``carry``,
+    a 1-D host array of at most ``carrying(comm)`` bytes, travels in the check's own message:
+    where the check passes, ``reduce_carried`` then reduces what every rank carried. Returns
     the ranks (of ``comm``) that have joined (``mpidp.join``) and take part with nothing to
     contribute: ``()``."""
     eng = _engine.current()
@@ -70,9 +87,7 @@ def compare(comm, collective, name, signature, seq, advice=None, known=None):
         raise RuntimeError(f"mpidp internal error: the {collective} check of {name!r} ran outside the "
                            f"engine of its communicator; route it through engine_for(comm).run()")
     h = (fingerprint(signature) if known is None else known) ^ ((seq * _MIX) & _MASK)
-    both = numpy.array([h, -h], dtype=numpy.int64)
-    comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MIN)
-    if both[0] == h and -both[1] == h:
+    if meet(eng, h, carry):
         return ()
     # the rare path: gather what each rank passed
     rows = comm.allgather((name, tuple(signature) + (("sequence number", seq),)))
@@ -80,6 +95,50 @@ def compare(comm, collective, name, signature, seq, advice=None, known=None):
     if any(is_joined(row) for row in rows):
         return settle(comm, rows, advice)
     raise mismatch_error(collective, rows, comm, advice)
+
+
+class _Meeting:
+    """An engine's buffers for the check's MPI call: this rank's row and every rank's."""
+
+    __slots__ = ("gather", "row", "rows", "ids", "mine", "bytes")
+
+    def __init__(self, comm):
+        n = comm.Get_size()
+        self.gather = n <= GATHER_RANKS
+        width = ROW // 8 if self.gather else 2
+        self.rows = numpy.zeros((n if self.gather else 1, width), dtype=numpy.int64)
+        self.row = self.rows[0] if not self.gather else numpy.zeros(width, dtype=numpy.int64)
+        self.ids = self.rows[:, 0]  # every rank's fingerprint, once gathered
+        self.mine = memoryview(self.row).cast("B")
+        self.bytes = self.rows.view(numpy.uint8)
+
+
+def meet(eng, h, carry=None):
+    """The check's one MPI call on ``eng``'s communicator: True when every rank passed ``h``.
+    ``carry`` (where the check is an allgather) travels along, for ``reduce_carried``."""
+    m = eng.meeting
+    if m is None:
+        m = eng.meeting = _Meeting(eng.comm)
+    if not m.gather:
+        m.row[0], m.row[1] = h, -h
+        eng.comm.Allreduce(MPI.IN_PLACE, m.row, op=MPI.MIN)
+        return m.row[0] == h and -m.row[1] == h
+    m.row[0] = h
+    if carry is not None:
+        m.mine[8:8 + carry.nbytes] = memoryview(carry).cast("B")
+    eng.comm.Allgather(m.row, m.rows)
+    return m.ids.tolist().count(h) == len(m.ids)
+
+
+def reduce_carried(eng, out, mpi_op, datatype):
+    """Reduce what every rank carried in ``eng``'s check that just passed into ``out`` (a C-contiguous
+    host array of the carried size): rank by rank in rank order with MPI's own op, so every rank gets
+    the same bits and MPI's semantics (no NumPy error state, wrap-around integers, the op's NaN rules)."""
+    rows = eng.meeting.bytes
+    end = 8 + out.nbytes
+    memoryview(out).cast("B")[:] = rows[0, 8:end]
+    for r in range(1, len(rows)):
+        mpi_op.Reduce_local([rows[r, 8:end], datatype], [out, datatype])
 
 
 def mismatch_error(collective, rows, comm, advice=None):

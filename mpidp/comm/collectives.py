@@ -10,6 +10,7 @@ Once the ranks have agreed to run a collective, an exception on one rank would
 leave the others waiting inside MPI for ever: it ends the whole job at once,
 with its traceback (``_fatal``).
 """
+import functools
 import itertools
 import math
 import operator
@@ -19,7 +20,7 @@ from mpi4py import MPI
 
 from ..backend.xp import asnumpy, get_array_module
 from ..errors import MpidpError
-from . import _buffers, _fatal, _hierarchical, check, dlpack as _dlpack, runtime
+from . import _buffers, _fatal, _hierarchical, check, dlpack as _dlpack, engine as _engine, runtime
 from ._buffers import (MAX_COUNT, Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces,
                        scale, spec, uses_ring)
 from .engine import Handle, engine_for
@@ -149,35 +150,66 @@ def _plan_key(x, op, name, prescale_factor, postscale_factor, inplace):
 
 def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake):
     """The result (blocking) or handle of an allreduce through its cached plan; None where there is none."""
-    _, comm = resolve(process_set)
-    eng = engine_for(comm)
-    plan = eng.plans.get(_plan_key(x, op, name, prescale_factor, postscale_factor, inplace))
+    eng = _engine.engine
+    comm = eng.comm
+    if process_set is not None or comm is None or comm is not runtime._state.comm:
+        _, comm = resolve(process_set)
+        eng = engine_for(comm)
+    plan = eng.plans.get((x.dtype, x.shape, op, name, prescale_factor, postscale_factor, inplace, _buffers._piece))
     flags = x.flags
     if plan is None or not flags.c_contiguous or (inplace and not flags.writeable):
         return None
-    signature, fingerprint, datatype, mop, post, recycle = plan
+    signature, fingerprint, datatype, mop, post, recycle, carries = plan
     seq = eng.started()
     what = name or f"allreduce.{seq}"
     out = x if inplace else (empty_result(numpy, x.shape, x.dtype) if recycle else numpy.empty(x.shape, x.dtype))
     send = MPI.IN_PLACE if inplace else [x, datatype]
 
-    def run():
-        joined = check.compare(comm, "allreduce", what, signature, seq, known=fingerprint) if check.is_enabled() else ()
-        try:
+    def body(joined, carried):
+        if carried:
+            check.reduce_carried(eng, out, mop, datatype)
+        else:
             comm.Allreduce(send, [out, datatype], op=mop)
-        except BaseException as exc:
-            _fatal.after_agreement(comm, f"allreduce of tensor {what!r}", exc)
         # an average over the ranks that contributed when some have joined (mpidp.join)
         return average_factor(postscale_factor, comm.Get_size(), joined) if joined and op is Average else post
 
-    def finish(factor):
-        if factor != 1.0:
-            scale(out, factor)
-        return out
+    run = _allreduce_job(comm, what, signature, seq, body, x if carries else None, fingerprint)
+    if not blocking:
+        return eng.submit(run, what, seq, functools.partial(_scaled, out), wake)
+    factor = eng.run(run, what, seq)
+    if factor != 1.0:
+        scale(out, factor)
+    return out
 
-    if blocking:
-        return finish(eng.run(run, what, seq))
-    return eng.submit(run, what, seq, finish, wake)
+
+def _scaled(out, factor):
+    if factor != 1.0:
+        scale(out, factor)
+    return out
+
+
+def _allreduce_job(comm, name, signature, seq, body, carry=None, known=None):
+    """The engine's job of an allreduce: the check, carrying ``carry`` (a small host message's
+    whole payload, see ``_carries``), then ``body(joined, carried)``: the reduction of what the
+    check carried, or the message's own MPI calls (where the check is off or some ranks joined)."""
+    def run():
+        if check._enabled:
+            joined = check.compare(comm, "allreduce", name, signature, seq, known=known, carry=carry)
+            carried = carry is not None and not joined
+        else:
+            joined, carried = (), False
+        try:
+            return body(joined, carried)
+        except BaseException as exc:
+            _fatal.after_agreement(comm, f"allreduce of tensor {name!r}", exc)
+    return run
+
+
+def _carries(comm, path, dtype, nbytes):
+    """Whether an allreduce's payload travels in its check's own message: a host message on the
+    plain MPI path small enough for the check's row (a function of checked fields and the
+    communicator's size only, so equal on ranks that agree)."""
+    return path in ("MPI", "MPI, in place") and dtype not in HALF and 0 < nbytes <= check.carrying(comm)
 
 
 def _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post, path):
@@ -190,7 +222,7 @@ def _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post, 
     if len(eng.plans) > 1024:
         eng.plans.clear()
     eng.plans[key] = (signature, check.fingerprint(signature), mpi_type(x.dtype), mop, post,
-                      x.nbytes >= _buffers.RECYCLE_BYTES)
+                      x.nbytes >= _buffers.RECYCLE_BYTES, _carries(eng.comm, path, x.dtype, x.nbytes))
 
 
 def _reduce(comm, path, send, recv, mop, ufunc, factor, seq):
@@ -235,8 +267,13 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
     if key is not None:
         _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post, path)
 
-    def body(joined):
+    carry = (recv.host if send is None else send.host) if _carries(comm, path, x.dtype, x.nbytes) else None
+
+    def body(joined, carried):
         nonlocal post
+        if carried:
+            check.reduce_carried(eng, recv.host, mop, mpi_type(x.dtype))
+            return False
         if joined and op is Average:
             post = average_factor(postscale_factor, comm.Get_size(), joined)
         return _reduce(comm, path, None if send is None else flat(send.host), flat(recv.host), mop, op.ufunc,
@@ -253,7 +290,7 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
             return x
         return work
 
-    return _launch(eng, blocking, _job(comm, "allreduce", name, signature, seq, body), name, seq, finish,
+    return _launch(eng, blocking, _allreduce_job(comm, name, signature, seq, body, carry), name, seq, finish,
                    _release(send, recv), wake)
 
 

@@ -8,6 +8,8 @@ all of this after one type check.
 """
 import functools
 
+import numpy
+
 from ..backend.interop import is_foreign, native, restore
 from .engine import Handle, engine
 
@@ -32,7 +34,7 @@ def tensor_op(fn, inplace=False):
     """Let ``fn(x, ...)`` take a DLPack array ``x`` and answer in its type (``x`` itself if in place)."""
     @functools.wraps(fn)
     def wrapper(x, *args, **kwargs):
-        if not is_foreign(x):
+        if type(x) is numpy.ndarray or not is_foreign(x):
             return fn(x, *args, **kwargs)
         view = native(x, fn.__name__)
         if inplace:

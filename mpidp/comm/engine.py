@@ -120,9 +120,11 @@ class Engine:
         self._cv = threading.Condition(self._lock)
         self._busy = False
         self._helpers = 0  # callers waiting in help_until: while any waits, it drives the queue
+        self._drainers = 0  # callers waiting in drain()
         self._thread = None
         self._stopping = False
         self.plans = {}  # the collectives' per-signature work, cached (valid while ``comm`` is bound)
+        self.meeting = None  # the check's buffers (``check.meet``; valid while ``comm`` is bound)
 
     def started(self):
         """Number the next collective on this communicator (program order, so equal on every rank).
@@ -190,7 +192,10 @@ class Engine:
             self.progress.end_wait()
             with self._lock:
                 self._busy = False
-                self._cv.notify_all()
+                # a job ran in this thread, no handle changed: only queued work and drain() wait
+                # for that (waking the idle engine thread for nothing cost every call a switch)
+                if self._queue or self._drainers:
+                    self._cv.notify_all()
             _leave(outer)
         return value if finish is None else finish(value)
 
@@ -232,8 +237,12 @@ class Engine:
     def drain(self):
         """Wait until every queued collective has run."""
         with self._lock:
-            while self._queue or self._busy:
-                self._cv.wait()
+            self._drainers += 1
+            try:
+                while self._queue or self._busy:
+                    self._cv.wait()
+            finally:
+                self._drainers -= 1
 
     def idle(self):
         """True when nothing is queued or running."""
@@ -354,6 +363,7 @@ def _bind(comm):
         if comm is runtime.get_comm():
             eng, eng.comm = _main, comm
             eng.plans.clear()
+            eng.meeting = None
             for stale in [k for k, e in _by_comm.items() if e is _main]:
                 del _by_comm[stale]
             eng.progress.bind(members)

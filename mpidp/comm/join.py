@@ -83,11 +83,8 @@ def _serve(comm, eng, seq):
     """The joined rank's loop, run as one job of ``comm``'s engine."""
     n, me = comm.Get_size(), comm.Get_rank()
     row = ("join", (_KIND, ("piece bytes", _buffers.piece_bytes())))
-    both = numpy.empty(2, dtype=numpy.int64)
     while True:
-        both[0], both[1] = SENTINEL, -SENTINEL
-        comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MIN)
-        if both[0] == SENTINEL and -both[1] == SENTINEL:
+        if check.meet(eng, SENTINEL):
             break  # every rank has joined
         rows = comm.allgather(row)
         joined = settle(comm, rows)
