@@ -144,8 +144,12 @@ def _path(buf, comm, op, inplace=False, hierarchical=True):
 # check still runs on every call, over the same fields: ranks on the two paths agree or disagree
 # exactly as two ranks on the general path would. Nonblocking calls take it too (queued as usual).
 
-def _plan_key(x, op, name, prescale_factor, postscale_factor, inplace):
-    return x.dtype, x.shape, op, name, prescale_factor, postscale_factor, inplace, _buffers._piece
+def _plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace):
+    """What a plan depends on: the call's fields, the piece size and the hierarchical crossover
+    (``tune.hierarchical()`` moves it: a plan made before must not keep the old path)."""
+    topo = runtime._state.topology if comm is runtime._state.comm else None
+    return (x.dtype, x.shape, op, name, prescale_factor, postscale_factor, inplace, _buffers._piece,
+            None if topo is None else topo.from_bytes)
 
 
 def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake):
@@ -155,11 +159,11 @@ def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set,
     if process_set is not None or comm is None or comm is not runtime._state.comm:
         _, comm = resolve(process_set)
         eng = engine_for(comm)
-    plan = eng.plans.get((x.dtype, x.shape, op, name, prescale_factor, postscale_factor, inplace, _buffers._piece))
+    plan = eng.plans.get(_plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace))
     flags = x.flags
     if plan is None or not flags.c_contiguous or (inplace and not flags.writeable):
         return None
-    signature, fingerprint, datatype, mop, post, recycle, carries = plan
+    signature, fingerprint, datatype, mop, post, recycle, carries, average = plan
     seq = eng.started()
     what = name or f"allreduce.{seq}"
     out = x if inplace else (empty_result(numpy, x.shape, x.dtype) if recycle else numpy.empty(x.shape, x.dtype))
@@ -171,7 +175,7 @@ def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set,
         else:
             comm.Allreduce(send, [out, datatype], op=mop)
         # an average over the ranks that contributed when some have joined (mpidp.join)
-        return average_factor(postscale_factor, comm.Get_size(), joined) if joined and op is Average else post
+        return average_factor(postscale_factor, comm.Get_size(), joined) if joined and average else post
 
     run = _allreduce_job(comm, what, signature, seq, body, x if carries else None, fingerprint)
     if not blocking:
@@ -222,7 +226,8 @@ def _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post, 
     if len(eng.plans) > 1024:
         eng.plans.clear()
     eng.plans[key] = (signature, check.fingerprint(signature), mpi_type(x.dtype), mop, post,
-                      x.nbytes >= _buffers.RECYCLE_BYTES, _carries(eng.comm, path, x.dtype, x.nbytes))
+                      x.nbytes >= _buffers.RECYCLE_BYTES, _carries(eng.comm, path, x.dtype, x.nbytes),
+                      op is Average)
 
 
 def _reduce(comm, path, send, recv, mop, ufunc, factor, seq):
@@ -238,12 +243,11 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
         out = _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake)
         if out is not None:
             return out
-        key = _plan_key(x, op, name, prescale_factor, postscale_factor, inplace)
-    else:
-        key = None
+    given, asked = name, op
     op = as_op(op)
-    given = name
     _, comm, eng, seq, name = _begin(process_set, "allreduce", name)
+    key = None if type(x) is not numpy.ndarray else _plan_key(comm, x, asked, given, prescale_factor,
+                                                              postscale_factor, inplace)
     x = _array(x, name, "allreduce")
     check_reduction(op, x.dtype, f"allreduce of tensor {name!r}", prescale_factor != 1 or postscale_factor != 1)
     if inplace:
@@ -357,7 +361,7 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
     for dtype in dict.fromkeys(dtypes):
         check_reduction(op, dtype, f"grouped_allreduce of tensor {name}[{dtypes.index(dtype)}]",
                         prescale_factor != 1 or postscale_factor != 1)
-    xp = get_array_module(*tensors) if tensors else numpy
+    xp = numpy if set(map(type, tensors)) <= {numpy.ndarray} else get_array_module(*tensors)
     if len(set(dtypes)) <= 1:
         groups = {dtypes[0]: range(len(tensors))} if tensors else {}
     else:
@@ -402,14 +406,14 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
             result = fused.finish()
             if not done:
                 scale(result, post)
-            for i, a, b in zip(idx, [0] + ends, ends):
-                t = tensors[i]
-                view = result[a:b].reshape(t.shape)
-                if inplace:
-                    t[...] = view
-                    out[i] = t
-                else:
-                    out[i] = view
+            members = [tensors[i] for i in idx]
+            views = [result[a:b] for a, b in zip([0] + ends, ends)]
+            shaped = [v if v.shape == s else v.reshape(s) for v, s in zip(views, map(_SHAPE, members))]
+            if inplace:
+                for t, v in zip(members, shaped):
+                    t[...] = v
+            for i, t, v in zip(idx, members, shaped):
+                out[i] = t if inplace else v
         return out
 
     return _launch(eng, blocking, _job(comm, "grouped_allreduce", name, signature, seq, body), name, seq,

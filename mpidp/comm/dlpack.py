@@ -14,6 +14,9 @@ from ..backend.interop import is_foreign, native, restore
 from .engine import Handle, engine
 
 
+_NDARRAY = {numpy.ndarray}
+
+
 def chain(handle, then):
     """A Handle whose ``wait()`` returns ``then(handle.wait())`` (queued behind ``handle``)."""
     return engine.submit(lambda: None, handle.what, handle.seq, lambda _: then(handle.wait()))
@@ -48,7 +51,7 @@ def grouped_op(fn, inplace=False):
     @functools.wraps(fn)
     def wrapper(tensors, *args, **kwargs):
         tensors = list(tensors)
-        if not any(is_foreign(t) for t in tensors):
+        if set(map(type, tensors)) <= _NDARRAY or not any(map(is_foreign, tensors)):
             return fn(tensors, *args, **kwargs)
         views = [native(t, fn.__name__) for t in tensors]
         if inplace:

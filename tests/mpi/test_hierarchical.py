@@ -4,7 +4,7 @@ import numpy
 import pytest
 
 import mpidp
-from mpidp.comm import _buffers, _hierarchical, runtime
+from mpidp.comm import _buffers, _hierarchical, engine as engine_mod, runtime
 from mpidp.comm.ops import as_op, mpi_op
 
 from conftest import FLOATS, data, tol
@@ -270,3 +270,24 @@ def test_the_jobs_own_topology():
         lo = rank * base + min(rank, extra)
         numpy.testing.assert_array_equal(mpidp.reducescatter(y, op=mpidp.Sum).astype(numpy.float64),
                                          total[lo:lo + base + (rank < extra)])
+
+
+def test_cached_plan_follows_a_new_crossover(hooked, monkeypatch):
+    """A repeated allreduce keeps its plan (path included) per signature: once the crossover moves
+    (tune.hierarchical(), set_from) the next call must take the new path, on every rank alike,
+    also where only some ranks had kept the plan (plans are evicted per rank)."""
+    comm = hooked.comm
+    calls = []
+    real = _hierarchical.allreduce
+    monkeypatch.setattr(_hierarchical, "allreduce", lambda *a: calls.append(1) or real(*a))
+    x = numpy.full(1031, comm.Get_rank() + 1, numpy.float32)
+    want = numpy.full(1031, comm.Get_size() * (comm.Get_size() + 1) / 2, numpy.float32)
+    hooked.set_from(None)  # flat: the plan is "MPI"
+    for _ in range(2):
+        numpy.testing.assert_array_equal(mpidp.allreduce(x, op=mpidp.Sum, name="moved"), want)
+    assert not calls
+    hooked.set_from(0)  # every size is hierarchical now
+    if comm.Get_rank() == 0:  # rank 0 has lost its plans, the others keep theirs
+        engine_mod.engine_for(runtime.get_comm()).plans.clear()
+    numpy.testing.assert_array_equal(mpidp.allreduce(x, op=mpidp.Sum, name="moved"), want)
+    assert calls == [1], "the cached plan kept the old path"

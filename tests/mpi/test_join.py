@@ -207,3 +207,21 @@ def test_training_with_uneven_shards(rank, size, threshold, compression, predivi
     for (name, p), q in zip(model.named_parameters(), reference(size).parameters()):
         numpy.testing.assert_allclose(p.data, q.data, rtol=0, atol=1e-10 if compression is None else 5e-3,
                                       err_msg=name)
+
+
+@pytest.mark.parametrize("op", ["average", "Average"])
+def test_repeated_average_by_name_divides_by_the_ranks_that_contributed(rank, size, op):
+    """A repeated allreduce takes its cached plan; an op given by its name must still divide by the
+    ranks that contributed once some have joined (the plan knew only the name)."""
+    if rank == size - 1 and size > 1:
+        mpidp.allreduce(numpy.full(3, float(rank)), op=op, name="loss")  # step 0: the plan exists everywhere
+        mpidp.join()
+        return
+    got = []
+    for step in range(4):
+        got.append(mpidp.allreduce(numpy.full(3, float(rank + step)), op=op, name="loss"))
+    mpidp.join()
+    for step in range(4):
+        them = range(size) if step == 0 else range(max(1, size - 1))
+        numpy.testing.assert_allclose(got[step], numpy.full(3, sum(r + step for r in them) / len(them)),
+                                      err_msg=f"step {step}")
