@@ -106,7 +106,8 @@ def launch(np, args, timeout):
     cmd = ["mpiexec", "-n", str(np)]
     if args.simulate_nodes:
         cmd = [sys.executable, "-m", "mpidp.run", "--simulate-nodes", args.simulate_nodes] + \
-            (["--link-rate", args.link_rate] if args.link_rate else [])
+            (["--link-rate", args.link_rate] if args.link_rate else []) + \
+            [a for k in sorted(env) if k.startswith(("MPIR_CVAR_", "FI_")) for a in ("-x", k)]  # MPI settings
     cmd += [sys.executable, os.path.abspath(__file__), "--worker", "--depth", str(args.depth),
            "--model", args.model, "--width", str(args.width), "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds)]

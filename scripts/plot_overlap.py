@@ -12,6 +12,7 @@ of the bucket time that lay inside backward, measured from the trace alone: a cr
 ``DistributedOptimizer.hidden_fraction()`` (1 - waited / communicated).
 """
 import argparse
+import gzip
 import json
 import sys
 
@@ -96,13 +97,13 @@ def plot(per_rank, windows, path, title):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("trace", help="Chrome-trace JSON written by --timeline / mpidp.start_timeline")
+    ap.add_argument("trace", help="Chrome-trace JSON (or .json.gz) written by --timeline / mpidp.start_timeline")
     ap.add_argument("--steps", type=int, default=3, help="draw the last N optimizer steps (default 3)")
     ap.add_argument("--skip-last", type=int, default=0, help="leave out the last K steps")
     ap.add_argument("--out", help="PNG to write (default: only print the shares)")
     ap.add_argument("--title", default="", help="plot title (e.g. the command and the link)")
     args = ap.parse_args(argv)
-    with open(args.trace) as f:
+    with (gzip.open if args.trace.endswith(".gz") else open)(args.trace, "rt") as f:
         per_rank = spans(json.load(f))
     windows = {}
     for r in sorted(per_rank):
