@@ -140,7 +140,8 @@ def summarise(results, cores):
         one = [r for r in rows if r["np"] == 1 and r["overlap"] == row["overlap"]]
         row["efficiency"] = row["samples_s"] / (row["np"] * one[0]["samples_s"]) if one else float("nan")
         off = [r for r in rows if r["np"] == row["np"] and r["overlap"] == "off"][0]
-        row["saved"] = (off["step_ms"] - row["step_ms"]) / off["comm_ms"] if row["overlap"] == "on" else float("nan")
+        row["saved"] = (off["step_ms"] - row["step_ms"]) / off["comm_ms"] \
+            if row["overlap"] == "on" and row["np"] > 1 and off["comm_ms"] > 0 else float("nan")
     return rows
 
 
