@@ -27,6 +27,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=["mlp", "cnn", "transformer"], default="cnn")
+    p.add_argument("--hidden", metavar="W,W,...", type=_widths, default=None,
+                   help="mlp hidden layer widths (default 128): e.g. 1024,1024,1024 for a model whose "
+                        "backward takes about as long as its gradient exchange on a slow link")
     p.add_argument("--data", metavar="PATH.npz", help="your own data: arrays x and y (default: bundled)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
@@ -59,9 +62,22 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "accumulate", "keep"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.hidden and args.model != "mlp":
+        p.error(f"--hidden is for --model mlp, not {args.model}")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
     return args
+
+
+def _widths(text):
+    """'1024,1024' -> (1024, 1024); every width a positive integer."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths separated by commas, got {text!r}")
+    return widths
 
 
 # -- data and model ---------------------------------------------------------------------------------
@@ -93,7 +109,8 @@ def load_data(args):
     classes = int(max(train[1].max(), test[1].max())) + 1
     if images:
         return train, test, {"in_channels": x.shape[1], "image_size": x.shape[-1], "num_classes": classes}
-    return train, test, {"in_features": int(numpy.prod(x.shape[1:])), "num_classes": classes}
+    kw = {"hidden": args.hidden} if args.hidden else {}
+    return train, test, {"in_features": int(numpy.prod(x.shape[1:])), "num_classes": classes, **kw}
 
 
 def _windows(tokens, seq_len):
@@ -301,7 +318,8 @@ def _efficiency(args, summary):
     if mpidp.rank() != 0 or summary["interrupted"]:
         return None
     path = Path(os.path.expanduser("~/.cache/mpidp/throughput.json"))
-    key = f"{args.model}/b{args.batch_size}/a{args.accumulate}/{args.device}/{args.compression}"
+    model = args.model + (f"-{'x'.join(map(str, args.hidden))}" if args.hidden else "")
+    key = f"{model}/b{args.batch_size}/a{args.accumulate}/{args.device}/{args.compression}"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -3,6 +3,7 @@
     python scripts/bench_gradsync.py                 # launches itself: mpiexec -n 2
     python scripts/bench_gradsync.py --sweep         # also sweeps fusion threshold x piece size
     mpiexec -n 2 python scripts/bench_gradsync.py    # or inside a job you started
+    mpidprun --simulate-nodes 2x2 --link-rate 2gbit python scripts/bench_gradsync.py --out cluster_2x2
 
 Two gradient sets: (a) ResNet-50's 161 parameter tensors (25.6 M float32) and
 (b) 500 tensors of 1 K float32. Strategies, all in one run and interleaved rep
@@ -27,7 +28,13 @@ and tables show medians over reps. ``--sweep`` first measures mpidp over a
 grid of fusion thresholds x piece sizes (with the raw strategies in the same
 reps), picks the pair whose worse ratio to the best raw strategy over (a) and
 (b) is smallest, then confirms it with fresh reps. CSV and PNG go to
-docs/figures/.
+docs/figures/ (``--out NAME``: bench_gradsync_NAME.csv/.png).
+
+On several nodes with several ranks on a node (``mpidp.local_size() > 1``, e.g.
+a simulated 2x2), every mpidp row runs three ways in the same reps: the
+hierarchical allreduce as a job gets it (``auto``), always (``hier on``) and
+never (``hier off``, MPI's own or the flat ring), switched between steps with
+the topology's ``set_from``.
 """
 import argparse
 import os
@@ -348,22 +355,55 @@ def choose(grid, thresholds, pieces):
     return min(score, key=lambda k: (score[k], k)), score
 
 
+def hierarchical_paths():
+    """{label: from_bytes} to compare in one run, or {"": None} where the job has no hierarchical
+    path (one node, or one rank per node)."""
+    from mpidp.comm import runtime
+
+    topo = runtime.topology(runtime.get_comm())
+    if topo is None or topo.nodes == 1 or topo.channels == 1:
+        return {"": None}
+    return {" auto": topo.from_bytes, " hier on": 0, " hier off": None}
+
+
+def on_path(run, from_bytes):
+    """``run`` with the hierarchical path set to start at ``from_bytes`` before each step (all ranks)."""
+    from mpidp.comm import runtime
+
+    topo = runtime.topology(runtime.get_comm())
+
+    def step():
+        run()
+
+    def prepare():
+        topo.set_from(from_bytes)
+        getattr(run, "prepare", lambda: None)()
+
+    step.prepare, step.opt = prepare, getattr(run, "opt", None)
+    return step
+
+
 def confirm(comm, reps, default, chosen):
     """The table: raw strategies and mpidp at the default and at the chosen settings."""
     import mpidp
 
     rows = []
     settings = [("default", default)] + ([("tuned", chosen)] if chosen != default else [])
+    paths = hierarchical_paths()
     for case, shapes in CASES.items():
         strategies, where = dict(raw_strategies(shapes, comm)), {}
         for label, (t, p) in settings:
             for mode, op in (("sync", None), ("hooks", None), ("sync", mpidp.Sum)):
-                name = f"mpidp {mode} ({label})" + (" op=Sum" if op is not None else "")
-                strategies[name] = mpidp_exchange(gradient_model(shapes), t, p, hooks=mode == "hooks", op=op)
-                where[name] = (t, p)
+                for path, start in paths.items():
+                    name = f"mpidp {mode} ({label})" + (" op=Sum" if op is not None else "") + path
+                    run = mpidp_exchange(gradient_model(shapes), t, p, hooks=mode == "hooks", op=op)
+                    strategies[name] = run if not path else on_path(run, start)
+                    where[name] = (t, p)
         for op in (mpidp.Sum, mpidp.Average):
-            name = "mpidp grouped_allreduce_" + (" op=Sum" if op is mpidp.Sum else "")
-            strategies[name] = grouped_exchange(shapes, op)
+            for path, start in paths.items():
+                name = "mpidp grouped_allreduce_" + (" op=Sum" if op is mpidp.Sum else "") + path
+                run = grouped_exchange(shapes, op)
+                strategies[name] = run if not path else on_path(run, start)
         strategies["(backward walk alone)"] = backward_walk(gradient_model(shapes))
         result, low = measure(comm, strategies, reps_for(shapes, reps))
         for name, sec in result.items():
@@ -393,6 +433,7 @@ def verdict(rows):
     out.append("issue 21 targets (medians; an Average is held to the raw sum):")
     for case, name, raws, limit in TARGETS:
         ms = {r["strategy"]: r["ms"] for r in rows if r["case"] == case}
+        name = name + " auto" if name + " auto" in ms else name  # on several nodes: what a job gets
         if name not in ms:
             continue
         pool = [k for k in ms if k.startswith("raw") and not k.endswith("average")] if raws == "best raw sum" \
@@ -470,19 +511,20 @@ def table_rows(rows):
              "piece_": bu.format_size(r["piece"]) if r["piece"] else ""} for r in rows]
 
 
-def plot_table(path, rows, np):
+def plot_table(path, rows, np, label=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4))
+    tall = max(len([r for r in rows if r["case"] == c]) for c in cases)
+    fig, axes = plt.subplots(1, len(cases), figsize=(7 * len(cases), max(4, 0.3 * tall)))
     for ax, case in zip(numpy.atleast_1d(axes), cases):
         mine = [r for r in rows if r["case"] == case]
         colors = ["tab:gray" if r["strategy"].startswith("raw") else "tab:blue" for r in mine]
         ax.barh([r["strategy"] for r in mine], [r["ms"] for r in mine], color=colors)
         ax.invert_yaxis()
         ax.set_xlabel("ms per step (median, slowest rank)")
-        ax.set_title(f"{case}, np={np}")
+        ax.set_title(f"{case}, np={np}" + (f", {label}" if label else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -548,6 +590,11 @@ def run(args):
             bu.write_csv(FIGURES / "bench_gradsync_profile.csv", [{**extra, **r} for r in rows])
         mpidp.shutdown()
         return
+    paths = hierarchical_paths()
+    if "" not in paths:
+        auto = paths[" auto"]
+        log(f"several nodes: every mpidp row runs as 'auto' (hierarchical from "
+            f"{'never' if auto is None else bu.format_size(auto)}), 'hier on' and 'hier off'")
     log(f"confirming with {args.reps} fresh reps ...")
     rows = confirm(comm, args.reps, default, chosen)
     if rank == 0:
@@ -555,9 +602,10 @@ def run(args):
         print("\n".join(verdict(rows)))
         if args.markdown:
             print(bu.markdown_table(table_rows(rows), TABLE))
-        bu.write_csv(FIGURES / "bench_gradsync.csv", [{**extra, **r} for r in rows])
-        plot_table(FIGURES / "bench_gradsync.png", rows, np)
-        log(f"wrote {FIGURES / 'bench_gradsync.csv'} and .png")
+        stem = FIGURES / ("bench_gradsync" + (f"_{args.out}" if args.out else ""))
+        bu.write_csv(stem.with_suffix(".csv"), [{**extra, **r} for r in rows])
+        plot_table(stem.with_suffix(".png"), rows, np, args.note or args.out)
+        log(f"wrote {stem}.csv and .png")
     mpidp.shutdown()
 
 
@@ -573,6 +621,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="break mpidp's step down layer by layer (at --threshold/--piece) instead")
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    ap.add_argument("--out", default="", help="name the table's CSV/PNG bench_gradsync_OUT (and title the plot)")
+    ap.add_argument("--note", default="", help="the plot's title: the cluster and link it ran on")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before the job is killed")
     args = ap.parse_args(argv)
     if not under_mpi() and args.np > 1:

@@ -2,6 +2,7 @@
 
     python scripts/bench_scaling.py                    # launches mpiexec -n 1, 2, 4 itself
     python scripts/bench_scaling.py --model cnn --np 1 2 --batch 32
+    python scripts/bench_scaling.py --simulate-nodes 2x2 --link-rate 2gbit --depth 6 --batch 320
 
 Each rank trains the same model on its own synthetic batches (a fixed per-rank
 batch, so the global batch grows with np) for a fixed number of steps. Inside
@@ -11,9 +12,14 @@ backward) and overlap off (everything exchanged in step()). Reported per np
 and mode: samples/s over all ranks (median of rounds), scaling efficiency
 (samples/s at N / (N x samples/s at 1, same mode)), the share of
 communication hidden behind backward (``opt.hidden_fraction()``), and
-communication and waiting per step. Every job runs one BLAS thread per rank;
-np above the core count is marked oversubscribed. CSV and PNG go to
-docs/figures/.
+communication and waiting per step, and for overlap on the share of the
+exchange that the overlap saved from the step: (step off - step on) /
+communication per step off, a figure that does not trust the timers of an
+exchange slowed down by the compute it runs beside. Every job runs one BLAS
+thread per rank; np above the core count is marked oversubscribed. CSV and PNG
+go to docs/figures/. ``--simulate-nodes``/``--link-rate`` run one job per repeat
+through ``mpidprun`` on a simulated cluster (docs/cluster.md) instead of the
+``--np`` list.
 """
 import argparse
 import json
@@ -34,14 +40,14 @@ _LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_LOCAL", "PRTE_")
 _ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 TABLE = [("np", "np", ""), ("note", "", ""), ("overlap", "overlap", ""), ("samples_s", "samples/s", ".1f"),
          ("efficiency", "efficiency", ".0%"), ("hidden", "hidden", ".0%"), ("step_ms", "step ms", ".2f"),
-         ("comm_ms", "comm ms/step", ".2f"), ("wait_ms", "wait ms/step", ".2f")]
+         ("comm_ms", "comm ms/step", ".2f"), ("wait_ms", "wait ms/step", ".2f"), ("saved", "saved / exchange", ".0%")]
 
 
 def build(args):
     """(model, x shape per sample) for --model."""
     from mpidp import models
     if args.model == "mlp":
-        return models.mlp(in_features=64, hidden=(args.width, args.width), num_classes=10, seed=0), (64,)
+        return models.mlp(in_features=64, hidden=(args.width,) * args.depth, num_classes=10, seed=0), (64,)
     if args.model == "cnn":
         return models.cnn(in_channels=1, image_size=16, channels=(16, 32), num_classes=10, seed=0), (1, 16, 16)
     raise SystemExit(f"unknown --model {args.model!r}; use mlp or cnn")
@@ -97,7 +103,12 @@ def launch(np, args, timeout):
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_VARS)}
     env.update(_ONE_THREAD)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    cmd = ["mpiexec", "-n", str(np), sys.executable, os.path.abspath(__file__), "--worker",
+    cmd = ["mpiexec", "-n", str(np)]
+    if args.simulate_nodes:
+        cmd = [sys.executable, "-m", "mpidp.run", "--simulate-nodes", args.simulate_nodes] + \
+            (["--link-rate", args.link_rate] if args.link_rate else []) + \
+            [a for k in sorted(env) if k.startswith(("MPIR_CVAR_", "FI_")) for a in ("-x", k)]  # MPI settings
+    cmd += [sys.executable, os.path.abspath(__file__), "--worker", "--depth", str(args.depth),
            "--model", args.model, "--width", str(args.width), "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -128,6 +139,9 @@ def summarise(results, cores):
     for row in rows:
         one = [r for r in rows if r["np"] == 1 and r["overlap"] == row["overlap"]]
         row["efficiency"] = row["samples_s"] / (row["np"] * one[0]["samples_s"]) if one else float("nan")
+        off = [r for r in rows if r["np"] == row["np"] and r["overlap"] == "off"][0]
+        row["saved"] = (off["step_ms"] - row["step_ms"]) / off["comm_ms"] \
+            if row["overlap"] == "on" and row["np"] > 1 and off["comm_ms"] > 0 else float("nan")
     return rows
 
 
@@ -167,6 +181,10 @@ def main(argv=None):
     ap.add_argument("--np", type=int, nargs="+", default=[1, 2, 4], help="rank counts (default 1 2 4)")
     ap.add_argument("--model", default="mlp", help="mlp (64 -> width -> width -> 10) or cnn (16x16 images)")
     ap.add_argument("--width", type=int, default=1024, help="mlp hidden width (default 1024: 1.1 M parameters)")
+    ap.add_argument("--depth", type=int, default=2, help="mlp hidden layers (default 2)")
+    ap.add_argument("--simulate-nodes", metavar="LAYOUT", help="run on a simulated cluster (mpidprun), e.g. 2x2")
+    ap.add_argument("--link-rate", metavar="RATE", help="its inter-node link rate, e.g. 2gbit")
+    ap.add_argument("--out", default="", help="name the CSV/PNG bench_scaling_MODEL_OUT")
     ap.add_argument("--batch", type=int, default=64, help="per-rank batch (default 64)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per round and mode (default 20)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per round and mode (default 3)")
@@ -180,8 +198,12 @@ def main(argv=None):
         return 0
     cores = os.cpu_count() or 1
     results = {}
+    nps = args.np
+    if args.simulate_nodes:
+        from mpidp.launch import simcluster
+        nps = [simcluster.parse_layout(args.simulate_nodes).np]
     for rep in range(args.repeats):
-        for np in args.np:
+        for np in nps:
             print(f"repeat {rep + 1}/{args.repeats}: np={np}{' (oversubscribed)' if np > cores else ''} ...",
                   flush=True)
             res = launch(np, args, args.timeout)
@@ -189,11 +211,13 @@ def main(argv=None):
                 return 1
             results.setdefault(np, []).append(res)
     rows = summarise(results, cores)
-    params = results[args.np[0]][0]["params"]
+    params = results[nps[0]][0]["params"]
     title = (f"{args.model} ({params:,} parameters), batch {args.batch} per rank, {args.steps} steps x "
              f"{args.rounds} rounds x {args.repeats} jobs, {cores} cores, one BLAS thread per rank")
+    if args.simulate_nodes:
+        title += f", simulated {args.simulate_nodes} nodes, link {args.link_rate or 'unshaped'}"
     bu.print_table(rows, TABLE, title=title)
-    stem = FIGURES / f"bench_scaling_{args.model}"
+    stem = FIGURES / (f"bench_scaling_{args.model}" + (f"_{args.out}" if args.out else ""))
     bu.write_csv(f"{stem}.csv", [{"model": args.model, "params": params, "batch": args.batch, **r} for r in rows])
     plot(f"{stem}.png", rows, title)
     print(f"wrote {stem}.csv and .png")
