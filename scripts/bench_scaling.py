@@ -1,4 +1,4 @@
-"""Weak scaling of a fixed training job: samples/s at np = 1, 2 and 4, with overlap on and off.
+"""Weak scaling of a fixed training job: samples/s at np = 1, 2 and 4, mpidp against a hand-written loop.
 
     python scripts/bench_scaling.py                    # launches mpiexec -n 1, 2, 4 itself
     python scripts/bench_scaling.py --model cnn --np 1 2 --batch 32
@@ -6,9 +6,12 @@
 
 Each rank trains the same model on its own synthetic batches (a fixed per-rank
 batch, so the global batch grows with np) for a fixed number of steps. Inside
-one job the two modes alternate round by round, so drift hits both alike:
-overlap on (bucket allreduces start from the gradient-ready hooks during
-backward) and overlap off (everything exchanged in step()). Reported per np
+one job four modes alternate round by round, so drift hits them alike: the
+DistributedOptimizer with overlap on (bucket allreduces start from the
+gradient-ready hooks during backward) and off (everything exchanged in
+step()), the hand-written loop (every gradient into one buffer, one raw
+Allreduce, divide) and no exchange at all (the inner optimizer alone: at np=1,
+what the DistributedOptimizer costs with nothing to communicate). Reported per np
 and mode: samples/s over all ranks (median of rounds), scaling efficiency
 (samples/s at N / (N x samples/s at 1, same mode)), the share of
 communication hidden behind backward (``opt.hidden_fraction()``), and
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy
+from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _benchutil as bu  # noqa: E402
@@ -38,7 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"
 _LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDRA_", "OMPI_", "MPI_LOCAL", "PRTE_")
 _ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-TABLE = [("np", "np", ""), ("note", "", ""), ("overlap", "overlap", ""), ("samples_s", "samples/s", ".1f"),
+MODES = ("on", "off", "hand", "none")
+LABELS = {"on": "DistributedOptimizer, overlap on", "off": "DistributedOptimizer, overlap off",
+          "hand": "hand-written flat Allreduce loop", "none": "no exchange (inner optimizer alone)"}
+TABLE = [("np", "np", ""), ("note", "", ""), ("overlap", "mode", ""), ("samples_s", "samples/s", ".1f"),
          ("efficiency", "efficiency", ".0%"), ("hidden", "hidden", ".0%"), ("step_ms", "step ms", ".2f"),
          ("comm_ms", "comm ms/step", ".2f"), ("wait_ms", "wait ms/step", ".2f"), ("saved", "saved / exchange", ".0%")]
 
@@ -67,7 +74,36 @@ def worker(args):
                for i in range(0, len(train.y), args.batch)]
     inner = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     crit = nn.CrossEntropyLoss()
-    results = {True: [], False: []}
+    results = {mode: [] for mode in MODES}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    class Plain:
+        """The inner optimizer alone; with ``flat``, the hand-written loop of issue 21 before it: every
+        gradient into one buffer, one raw Allreduce, divide, back into the gradients."""
+        stats = {}
+
+        def __init__(self, flat):
+            self.flat = flat
+
+        def zero_grad(self):
+            inner.zero_grad()
+
+        def step(self):
+            if self.flat:
+                buf = numpy.concatenate([p.grad.reshape(-1) for p in params])
+                MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+                buf /= size
+                offset = 0
+                for p in params:
+                    p.grad[...] = buf[offset:offset + p.grad.size].reshape(p.grad.shape)
+                    offset += p.grad.size
+            inner.step()
+
+        def hidden_fraction(self):
+            return float("nan")
+
+        def close(self):
+            pass
 
     def run_steps(opt, n, k0):
         for k in range(n):
@@ -78,8 +114,11 @@ def worker(args):
             opt.step()
 
     for r in range(args.rounds):
-        for overlap in (True, False):
-            opt = mpidp.DistributedOptimizer(inner, model=model, overlap=overlap)
+        for mode in MODES:
+            if mode in ("on", "off"):
+                opt = mpidp.DistributedOptimizer(inner, model=model, overlap=mode == "on")
+            else:
+                opt = Plain(flat=mode == "hand")
             run_steps(opt, args.warmup, 0)
             for k in opt.stats:
                 opt.stats[k] = 0 if k in ("steps", "bytes") else 0.0
@@ -87,14 +126,15 @@ def worker(args):
             t0 = time.perf_counter()
             run_steps(opt, args.steps, args.warmup)
             elapsed = mpidp.allreduce(numpy.array([time.perf_counter() - t0]), op=mpidp.Max)[0]
-            comm = mpidp.allreduce(numpy.array([opt.stats["comm_s"], opt.stats["wait_s"]]), op=mpidp.Max)
-            results[overlap].append({"samples_s": size * args.batch * args.steps / elapsed,
-                                     "step_ms": elapsed / args.steps * 1e3, "hidden": opt.hidden_fraction(),
-                                     "comm_ms": comm[0] / args.steps * 1e3, "wait_ms": comm[1] / args.steps * 1e3})
+            comm = mpidp.allreduce(numpy.array([opt.stats.get("comm_s", 0.0), opt.stats.get("wait_s", 0.0)]),
+                                   op=mpidp.Max)
+            results[mode].append({"samples_s": size * args.batch * args.steps / elapsed,
+                                  "step_ms": elapsed / args.steps * 1e3, "hidden": opt.hidden_fraction(),
+                                  "comm_ms": comm[0] / args.steps * 1e3, "wait_ms": comm[1] / args.steps * 1e3})
             opt.close()
     if rank == 0:
         out = {"np": size, "params": model.num_parameters(), "rounds": results}
-        print("RESULT " + json.dumps({**out, "rounds": {str(k): v for k, v in results.items()}}), flush=True)
+        print("RESULT " + json.dumps(out), flush=True)
     mpidp.shutdown()
 
 
@@ -128,14 +168,14 @@ def launch(np, args, timeout):
 
 
 def summarise(results, cores):
-    """Rows per (np, overlap): medians over rounds and repeats, efficiency against np=1 of the same mode."""
+    """Rows per (np, mode): medians over rounds and repeats, efficiency against np=1 of the same mode."""
     rows = []
     for np in sorted(results):
-        for overlap in ("True", "False"):
-            runs = [r for res in results[np] for r in res["rounds"][overlap]]
+        for mode in MODES:
+            runs = [r for res in results[np] for r in res["rounds"][mode]]
             med = {k: float(numpy.median([r[k] for r in runs])) for k in runs[0]}
             rows.append({"np": np, "oversubscribed": np > cores, "note": "oversubscribed" if np > cores else "",
-                         "overlap": "on" if overlap == "True" else "off", "runs": len(runs), **med})
+                         "overlap": mode, "runs": len(runs), **med})
     for row in rows:
         one = [r for r in rows if r["np"] == 1 and r["overlap"] == row["overlap"]]
         row["efficiency"] = row["samples_s"] / (row["np"] * one[0]["samples_s"]) if one else float("nan")
@@ -145,16 +185,32 @@ def summarise(results, cores):
     return rows
 
 
+def targets(rows):
+    """Issue 21's two training-step targets, from the medians: lines to print."""
+    lines = []
+    for np in sorted({r["np"] for r in rows}):
+        mode = {r["overlap"]: r for r in rows if r["np"] == np}
+        if np == 1:
+            cost = mode["on"]["step_ms"] / mode["none"]["step_ms"] - 1
+            lines.append(f"np=1: the DistributedOptimizer costs {cost:+.1%} of a step against the inner optimizer "
+                         f"alone (target at most +2%): {'met' if cost <= 0.02 else 'not met'}")
+        else:
+            ratio = mode["on"]["samples_s"] / mode["hand"]["samples_s"]
+            lines.append(f"np={np}: DistributedOptimizer (overlap on) gives {ratio:.2f}x the samples/s of the "
+                         f"hand-written flat loop (target at least 1.00x): {'met' if ratio >= 1 else 'not met'}")
+    return lines
+
+
 def plot(path, rows, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, style in (("on", "o-"), ("off", "s--")):
+    for mode, style in (("on", "o-"), ("off", "s--"), ("hand", "^-."), ("none", "x:")):
         mine = [r for r in rows if r["overlap"] == mode]
         nps = [r["np"] for r in mine]
-        a.plot(nps, [r["samples_s"] for r in mine], style, label=f"overlap {mode}")
-        b.plot(nps, [r["efficiency"] for r in mine], style, label=f"overlap {mode}")
+        a.plot(nps, [r["samples_s"] for r in mine], style, label=LABELS[mode])
+        b.plot(nps, [r["efficiency"] for r in mine], style, label=LABELS[mode])
     one = [r["samples_s"] for r in rows if r["np"] == 1]
     if one:
         nps = sorted({r["np"] for r in rows})
@@ -217,6 +273,8 @@ def main(argv=None):
     if args.simulate_nodes:
         title += f", simulated {args.simulate_nodes} nodes, link {args.link_rate or 'unshaped'}"
     bu.print_table(rows, TABLE, title=title)
+    for line in targets(rows):
+        print(line)
     stem = FIGURES / (f"bench_scaling_{args.model}" + (f"_{args.out}" if args.out else ""))
     bu.write_csv(f"{stem}.csv", [{"model": args.model, "params": params, "batch": args.batch, **r} for r in rows])
     plot(f"{stem}.png", rows, title)

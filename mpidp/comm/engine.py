@@ -98,7 +98,7 @@ class Handle:
             self._finish = self._value = self._release = None
             with engine._lock:
                 self._state = _FINISHED
-                engine._cv.notify_all()
+                engine._notify()
 
     def _complete(self, fn):
         self.t_start = time.perf_counter()
@@ -121,6 +121,7 @@ class Engine:
         self._busy = False
         self._helpers = 0  # callers waiting in help_until: while any waits, it drives the queue
         self._drainers = 0  # callers waiting in drain()
+        self._finishers = 0  # callers waiting while another thread finishes their handle
         self._thread = None
         self._stopping = False
         self.plans = {}  # the collectives' per-signature work, cached (valid while ``comm`` is bound)
@@ -192,10 +193,7 @@ class Engine:
             self.progress.end_wait()
             with self._lock:
                 self._busy = False
-                # a job ran in this thread, no handle changed: only queued work and drain() wait
-                # for that (waking the idle engine thread for nothing cost every call a switch)
-                if self._queue or self._drainers:
-                    self._cv.notify_all()
+                self._notify()
             _leave(outer)
         return value if finish is None else finish(value)
 
@@ -223,8 +221,12 @@ class Engine:
                 if handle._state != _PENDING:
                     if not self._helpers and self._queue and not self._busy:
                         self._cv.notify_all()  # the engine thread stood aside for us: the rest is its own
-                    while handle._state == _FINISHING:  # another waiter is finishing it
-                        self._cv.wait()
+                    self._finishers += 1
+                    try:
+                        while handle._state == _FINISHING:  # another waiter is finishing it
+                            self._cv.wait()
+                    finally:
+                        self._finishers -= 1
                     if handle._state == _FINISHED:
                         return False
                     handle._state = _FINISHING
@@ -233,6 +235,14 @@ class Engine:
                 if not nested:
                     self._busy = True
             self._execute(job, fn, nested)
+
+    def _notify(self):
+        """Wake the threads waiting on this engine, where one can go on (call with the lock held): a
+        waiter in help_until, drain() or for a handle's finish, or the engine thread when work is
+        queued. The idle engine thread is not woken for nothing: on a busy core each needless
+        wake-up took the GIL from the caller (0.4 ms per training step at one rank)."""
+        if self._queue or self._helpers or self._drainers or self._finishers:
+            self._cv.notify_all()
 
     def drain(self):
         """Wait until every queued collective has run."""
@@ -267,12 +277,10 @@ class Engine:
         finally:
             if not nested:
                 self.progress.end_wait()
-                with self._lock:
+            with self._lock:
+                if not nested:
                     self._busy = False
-                    self._cv.notify_all()
-            else:
-                with self._lock:
-                    self._cv.notify_all()
+                self._notify()
             _leave(outer)
 
     def _loop(self):
