@@ -141,6 +141,12 @@ def reduce_carried(eng, out, mpi_op, datatype):
         mpi_op.Reduce_local([rows[r, 8:end], datatype], [out, datatype])
 
 
+def carried(eng, rank, nbytes):
+    """The first ``nbytes`` that ``rank`` carried in ``eng``'s check that just passed (a uint8 view,
+    valid until the next check on the communicator)."""
+    return eng.meeting.bytes[rank, 8:8 + nbytes]
+
+
 def mismatch_error(collective, rows, comm, advice=None):
     """MismatchError naming the first field that differs and which ranks have which value
     (rows of None, those of joined ranks, are left out)."""

@@ -58,13 +58,22 @@ def _signature(eng, kind, name, *fields):
     return (("collective", kind), ("process set", eng.progress.label), ("name", name)) + fields
 
 
-def _job(comm, kind, name, signature, seq, body):
+def _job(comm, kind, name, signature, seq, body, carry=None, carried=None, known=None):
     """The engine's job: agree on ``signature`` (MismatchError on every rank), then ``body(joined)``,
-    ``joined`` the ranks that take part with nothing to contribute (``mpidp.join``)."""
+    ``joined`` the ranks that take part with nothing to contribute (``mpidp.join``).
+
+    ``carry``, a small host payload (``check.carrying``), travels in the check's own message;
+    where it did (the check on, nobody joined) ``carried()`` finishes the collective from what
+    every rank carried, instead of ``body``. ``known`` is the signature's fingerprint, if kept.
+    """
     def run():
-        joined = check.compare(comm, kind, name, signature, seq) if check.is_enabled() else ()
+        if check._enabled:
+            joined = check.compare(comm, kind, name, signature, seq, known=known, carry=carry)
+            arrived = carry is not None and not joined
+        else:
+            joined, arrived = (), False
         try:
-            return body(joined)
+            return carried() if arrived else body(joined)
         except BaseException as exc:
             _fatal.after_agreement(comm, f"{kind} of tensor {name!r}", exc)
     return run
@@ -169,15 +178,16 @@ def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set,
     out = x if inplace else (empty_result(numpy, x.shape, x.dtype) if recycle else numpy.empty(x.shape, x.dtype))
     send = MPI.IN_PLACE if inplace else [x, datatype]
 
-    def body(joined, carried):
-        if carried:
-            check.reduce_carried(eng, out, mop, datatype)
-        else:
-            comm.Allreduce(send, [out, datatype], op=mop)
+    def body(joined):
+        comm.Allreduce(send, [out, datatype], op=mop)
         # an average over the ranks that contributed when some have joined (mpidp.join)
         return average_factor(postscale_factor, comm.Get_size(), joined) if joined and average else post
 
-    run = _allreduce_job(comm, what, signature, seq, body, x if carries else None, fingerprint)
+    def carried():
+        check.reduce_carried(eng, out, mop, datatype)
+        return post
+
+    run = _job(comm, "allreduce", what, signature, seq, body, x if carries else None, carried, fingerprint)
     if not blocking:
         return eng.submit(run, what, seq, functools.partial(_scaled, out), wake)
     factor = eng.run(run, what, seq)
@@ -192,28 +202,16 @@ def _scaled(out, factor):
     return out
 
 
-def _allreduce_job(comm, name, signature, seq, body, carry=None, known=None):
-    """The engine's job of an allreduce: the check, carrying ``carry`` (a small host message's
-    whole payload, see ``_carries``), then ``body(joined, carried)``: the reduction of what the
-    check carried, or the message's own MPI calls (where the check is off or some ranks joined)."""
-    def run():
-        if check._enabled:
-            joined = check.compare(comm, "allreduce", name, signature, seq, known=known, carry=carry)
-            carried = carry is not None and not joined
-        else:
-            joined, carried = (), False
-        try:
-            return body(joined, carried)
-        except BaseException as exc:
-            _fatal.after_agreement(comm, f"allreduce of tensor {name!r}", exc)
-    return run
-
-
 def _carries(comm, path, dtype, nbytes):
     """Whether an allreduce's payload travels in its check's own message: a host message on the
     plain MPI path small enough for the check's row (a function of checked fields and the
     communicator's size only, so equal on ranks that agree)."""
     return path in ("MPI", "MPI, in place") and dtype not in HALF and 0 < nbytes <= check.carrying(comm)
+
+
+def _on_host(buf):
+    """``buf``'s bytes in host memory for the check to carry (a copy of a small device array)."""
+    return buf if isinstance(buf, numpy.ndarray) else asnumpy(buf)
 
 
 def _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post, path):
@@ -273,11 +271,12 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
 
     carry = (recv.host if send is None else send.host) if _carries(comm, path, x.dtype, x.nbytes) else None
 
-    def body(joined, carried):
+    def carried():
+        check.reduce_carried(eng, recv.host, mop, mpi_type(x.dtype))
+        return False
+
+    def body(joined):
         nonlocal post
-        if carried:
-            check.reduce_carried(eng, recv.host, mop, mpi_type(x.dtype))
-            return False
         if joined and op is Average:
             post = average_factor(postscale_factor, comm.Get_size(), joined)
         return _reduce(comm, path, None if send is None else flat(send.host), flat(recv.host), mop, op.ufunc,
@@ -294,8 +293,8 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
             return x
         return work
 
-    return _launch(eng, blocking, _allreduce_job(comm, name, signature, seq, body, carry), name, seq, finish,
-                   _release(send, recv), wake)
+    return _launch(eng, blocking, _job(comm, "allreduce", name, signature, seq, body, carry, carried), name, seq,
+                   finish, _release(send, recv), wake)
 
 
 def fused_allreduce_async_(x, name, process_set=None, wake=True, postscale_factor=1.0, average=False):
@@ -449,22 +448,43 @@ def _allgather_core(x, name, process_set, blocking):
     row = math.prod(tail)
     signature = _signature(eng, "allgather", given, ("dtype", dtype_name(x.dtype)), ("shape[1:]", tail))
     send = Staged(x)
+    # every rank's row count travels in the check, and its rows too where they fit: the ranks
+    # then know the counts (no call for them) and, when every rank's rows came along, the result
+    room = check.carrying(comm) - 8
+    fits = 0 <= x.nbytes <= room
+    carry = numpy.empty(8 + (x.nbytes if fits else 0), dtype=numpy.uint8) if room > 0 else None
+    if carry is not None:
+        carry[:8].view(numpy.int64)[0] = rows if fits else -1 - rows  # negative: the rows did not fit
+        if fits and x.nbytes:
+            carry[8:] = _on_host(flat(send.host)).view(numpy.uint8)
 
-    def body(joined):  # a joined rank gives zero rows
-        table = numpy.empty(comm.Get_size(), dtype=numpy.int64)
-        comm.Allgather(numpy.array([rows], dtype=numpy.int64), table)  # every rank's row count
+    def gather(table):
         counts = table * row
         displs = numpy.concatenate(([0], numpy.cumsum(counts)[:-1]))
         out = empty_result(numpy, (int(table.sum()),) + tail, x.dtype)
         comm.Allgatherv(spec(flat(send.host)), spec(flat(out), counts, displs))
         return out
 
+    def body(joined):  # a joined rank gives zero rows
+        table = numpy.empty(comm.Get_size(), dtype=numpy.int64)
+        comm.Allgather(numpy.array([rows], dtype=numpy.int64), table)  # every rank's row count
+        return gather(table)
+
+    def carried():
+        n = comm.Get_size()
+        table = numpy.array([check.carried(eng, r, 8).view(numpy.int64)[0] for r in range(n)])
+        if (table < 0).any():  # some rank's rows did not fit: the counts came, the rows go now
+            return gather(numpy.where(table < 0, -1 - table, table))
+        size = row * x.itemsize
+        parts = [check.carried(eng, r, 8 + int(table[r]) * size)[8:] for r in range(n)]
+        return numpy.concatenate(parts).view(x.dtype).reshape((int(table.sum()),) + tail)
+
     def finish(out):
         send.finish(copy_out=False)
         return out if xp is numpy else xp.asarray(out)
 
-    return _launch(eng, blocking, _job(comm, "allgather", name, signature, seq, body), name, seq, finish,
-                   _release(send))
+    return _launch(eng, blocking, _job(comm, "allgather", name, signature, seq, body, carry, carried), name, seq,
+                   finish, _release(send))
 
 
 def allgather(x, name=None, process_set=None):
@@ -490,9 +510,19 @@ def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
     signature = _signature(eng, "broadcast", given, ("root_rank", int(root_rank)), ("dtype", dtype_name(x.dtype)),
                            ("shape", tuple(x.shape)))
     buf = Staged(work, copy_in=comm.Get_rank() == root)
+    # a small message travels in the root's row of the check (whatever memory it is in: the
+    # broadcast's signature does not say, and ranks must decide alike)
+    carry = _on_host(flat(buf.host)).view(numpy.uint8) if 0 < x.nbytes <= check.carrying(comm) else None
 
     def body(joined):
         bcast_pieces(comm, flat(buf.host), root)
+
+    def carried():
+        got = check.carried(eng, root, x.nbytes).view(x.dtype)
+        if isinstance(buf.host, numpy.ndarray):
+            flat(buf.host)[...] = got
+        else:
+            flat(buf.host)[...] = xp.asarray(got)
 
     def finish(_):
         buf.finish()
@@ -501,8 +531,8 @@ def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
             return x
         return work
 
-    return _launch(eng, blocking, _job(comm, "broadcast", name, signature, seq, body), name, seq, finish,
-                   _release(buf))
+    return _launch(eng, blocking, _job(comm, "broadcast", name, signature, seq, body, carry, carried), name, seq,
+                   finish, _release(buf))
 
 
 def broadcast(x, root_rank, name=None, process_set=None):

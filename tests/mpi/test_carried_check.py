@@ -10,6 +10,7 @@ import pytest
 from mpi4py import MPI
 
 import mpidp
+from mpidp.backend import bfloat16
 from mpidp.comm import check, engine as engine_mod, runtime
 from mpidp.errors import MismatchError
 
@@ -142,3 +143,58 @@ def test_async_small_allreduces_in_order(rank, size, check_form):
                                      name=f"async.{i % 3}") for i in range(30)]
     for i, h in enumerate(handles):
         assert mpidp.synchronize(h).tolist() == [sum(r * 10 + i for r in range(size))] * 2
+
+
+BCAST_DTYPES = ["float16", "float32", "float64", "int8", "bool", "complex128"] + (
+    ["bfloat16"] if bfloat16 is not None else [])
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "in place"])
+@pytest.mark.parametrize("dtype", BCAST_DTYPES)
+def test_small_broadcast_from_every_root(rank, size, dtype, inplace, check_form):
+    dtype = bfloat16 if dtype == "bfloat16" else numpy.dtype(dtype)
+    item = dtype.itemsize
+    for count in sorted({1, (check.ROW - 8) // item, (check.ROW - 8) // item + 1}):
+        for root in range(size):
+            mine = (numpy.arange(count) % 7 + 10 * rank + 1).astype(dtype)  # differs on every rank
+            want = (numpy.arange(count) % 7 + 10 * root + 1).astype(dtype)
+            x = mine.copy()
+            out = (mpidp.broadcast_ if inplace else mpidp.broadcast)(x, root, name=f"b.{count}")
+            assert out.dtype == dtype and out.shape == (count,)
+            assert out.tobytes() == want.tobytes(), f"{count} elements from root {root}"
+            if inplace:
+                assert out is x
+            else:
+                assert x.tobytes() == mine.tobytes(), "the input changed"
+
+
+@pytest.mark.parametrize("layout", ["all fit", "rank 0 too big", "some empty"])
+@pytest.mark.parametrize("dtype", ["float32", "int64", "bool"])
+def test_small_allgather_with_uneven_rows(rank, size, dtype, layout, check_form):
+    """Rows travel with the check where every rank's fit; else the counts did and the rows follow."""
+    room = (check.ROW - 16) // (numpy.dtype(dtype).itemsize * 2)  # rows of 2 elements that fit
+    def rows_of(r):
+        if layout == "rank 0 too big" and r == 0:
+            return room + 1
+        if layout == "some empty" and r % 2:
+            return 0
+        return min(room, r + 1)
+    parts = [(numpy.arange(rows_of(r) * 2).reshape(-1, 2) + 100 * r).astype(dtype) for r in range(size)]
+    for call in range(2):
+        out = mpidp.allgather(parts[rank], name=f"g.{layout}")
+        want = numpy.concatenate(parts)
+        assert out.dtype == numpy.dtype(dtype) and out.shape == want.shape
+        assert numpy.array_equal(out, want), f"call {call}"
+
+
+def test_allgather_of_scalars(rank, size, check_form):
+    out = mpidp.allgather(numpy.float64(rank * 1.5), name="scalars")
+    assert out.tolist() == [r * 1.5 for r in range(size)]
+
+
+def test_carried_broadcast_with_another_root_is_a_mismatch_everywhere(rank, size, check_form):
+    if size < 2:
+        pytest.skip("needs two ranks")
+    with pytest.raises(MismatchError) as info:
+        mpidp.broadcast(numpy.ones(2), root_rank=rank % 2, name="roots")
+    assert info.value.field == "root_rank"
