@@ -37,7 +37,7 @@ def pytest_args(logdir, paths):
                   *paths)
 
 
-def start_job(paths, np, logdir):
+def run_job(paths, np, logdir):
     """Run ``paths`` in one pytest session under ``mpiexec -n np``; killed when no test ends for STALL_S."""
     logdir.mkdir(parents=True)
     results, output = logdir / "results.jsonl", logdir / "output.txt"
@@ -101,7 +101,7 @@ def run_all(folder, names, np, tmp):
     """{path: (outcome, text)} for every file in ``names``, in as few jobs as the files allow."""
     paths, verdicts = [f"tests/{folder}/{name}" for name in names], {}
     while paths:
-        run = start_job(paths, np, tmp / f"{folder}-np{np}-job{len(verdicts)}")
+        run = run_job(paths, np, tmp / f"{folder}-np{np}-job{len(verdicts)}")
         started = [e["nodeid"].split("::")[0] for e in run.events if e["event"] == "start"]
         # files the job finished: every file when it ended normally, else up to the last one started
         # (a test of which may have ended the job: that file fails with the job's tail)
