@@ -5,10 +5,25 @@ at 2, 3 and 4 ranks through tests/test_mpi_driver.py. Under mpiexec every rank
 runs the suite with mpidp's own pytest plugin (``mpidp = auto`` in setup.cfg):
 ranks agree on every outcome, rank 0 reports once, a hung rank aborts the job.
 """
-import pytest
+import os
+import sys
 
-from mpidp.backend import gpu_available
-from mpidp.testing import world_size
+# One BLAS thread in this process, as in the ranks that tests start (_mpirun.clean_env): on a busy
+# 2-core machine, OpenBLAS's second thread made small matrix products 4-6x slower (the training
+# tests in tests/unit most). Set only while NumPy loads its BLAS, and only where the user chose no
+# thread count: the jobs that tests start see the environment as it was given.
+_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+if "numpy" not in sys.modules and not any(name in os.environ for name in _THREADS):
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        import numpy  # noqa: F401
+    finally:
+        del os.environ["OPENBLAS_NUM_THREADS"]
+
+import pytest  # noqa: E402
+
+from mpidp.backend import gpu_available  # noqa: E402
+from mpidp.testing import world_size  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

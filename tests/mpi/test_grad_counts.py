@@ -18,17 +18,18 @@ SLOW_S = 0.15
 
 
 class Slow(nn.Module):
-    """Identity whose backward takes a while and can fail (``fail`` = raise once)."""
+    """Identity whose backward takes ``delay`` seconds and can fail (``fail`` = raise once)."""
 
     def __init__(self):
         super().__init__()
         self.fail = False
+        self.delay = SLOW_S
 
     def forward(self, x):
         return x
 
     def _backward(self, dy):
-        time.sleep(SLOW_S)
+        time.sleep(self.delay)
         if self.fail:
             self.fail = False
             raise RuntimeError("backward failed halfway (on purpose)")
@@ -86,8 +87,9 @@ def make(kind, passes=1, spare=False):
 
 
 def local_grads(rank, ks, spare):
-    """What rank ``rank`` accumulates over passes ``ks``, with a plain model."""
+    """What rank ``rank`` accumulates over passes ``ks``, with a plain model (no engine: no need to be slow)."""
     model = Model(spare)
+    model.slow.delay = 0
     model.zero_grad()
     for k in ks:
         one_pass(model, rank, k)

@@ -85,10 +85,21 @@ def _noisy(seed, n, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
 def test_bit_identical_on_every_rank(topo, piece, dtype):
-    """Random floats of mixed magnitudes (sums depend on the order): every rank ends with the same bits."""
+    """Random floats of mixed magnitudes (sums depend on the order): every rank ends with the same bits.
+
+    The 2 MiB case runs at 256 KiB pieces and shares: the same paths (a node reduce-scatters each
+    chunk around the ring, in as many pieces per part, where 4 KiB goes through MPI
+    Reduce_scatter), the same number of chunks, at 1/8 of the bytes.
+    """
     comm = topo.comm
     size = comm.Get_size()
-    n = 3 * (piece // 4) * topo.channels + 17  # several chunks, not a multiple of anything
+    scaled = min(piece, 256 << 10)
+    _buffers.set_piece_bytes(scaled)  # the piece fixture restores both
+    _hierarchical.SHARE_BYTES = scaled
+    chunk = _hierarchical.chunk_elements(topo, numpy.dtype(dtype).itemsize)
+    in_node = topo.local.Get_size()
+    assert _buffers.uses_ring(numpy.empty(chunk, dtype), in_node, numpy.add) == (in_node > 1 and piece == 2 << 20)
+    n = 3 * (scaled // 4) * topo.channels + 17  # several chunks, not a multiple of anything
     x = _noisy(comm.Get_rank(), n, dtype)
     o = as_op(mpidp.Sum)
     _hierarchical.allreduce(topo, None, x, mpi_op(o, x.dtype), o.ufunc, factor=1.0 / size)
@@ -117,6 +128,7 @@ def hooked(topo, monkeypatch):
     """mpidp's collectives see ``topo`` as the job's topology and take the hierarchical path at every size."""
     if topo.nodes == 1 or topo.channels == 1:
         pytest.skip(f"layout {topo.describe()} has no hierarchical path")
+    # (cached allreduce plans must follow the swap: test_cached_plan_follows_a_new_crossover)
     monkeypatch.setattr(runtime._state, "topology", topo)
     old = topo.set_from(0)
     yield topo
