@@ -1,0 +1,63 @@
+"""Small allreduces in a loop that also runs nonblocking ones, against raw mpi4py, interleaved.
+
+    mpiexec -n 2 python scripts/bench_small.py [--bytes 4 --rounds 15 --calls 300]
+
+A training loop's metrics and flags are small blocking allreduces between nonblocking gradient
+exchanges, so the engine thread is alive while they run. Each round times ``--calls`` calls of
+each variant in turn: raw ``comm.Allreduce``, mpidp ``allreduce`` with the check on and off,
+``allreduce_``, and an ``allreduce_async`` + ``synchronize`` round trip (float32, op Sum). Each
+round's time is the slowest rank's. Rank 0 prints the median over rounds per variant and its
+ratio to raw.
+"""
+import argparse
+import statistics
+import time
+
+import numpy
+from mpi4py import MPI
+
+import mpidp
+from mpidp.comm import collectives
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bytes", type=int, default=4, help="message size in bytes (default 4)")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    ap.add_argument("--calls", type=int, default=300, help="calls per variant and round (default 300)")
+    args = ap.parse_args(argv)
+    mpidp.init()
+    comm = MPI.COMM_WORLD
+    x = numpy.ones(max(1, args.bytes // 4), numpy.float32)
+    out = numpy.empty_like(x)
+
+    def off():
+        collectives.set_check(False)
+        mpidp.allreduce(x, op=mpidp.Sum, name="small")
+        collectives.set_check(True)
+
+    variants = {
+        "raw comm.Allreduce": lambda: comm.Allreduce(x, out, op=MPI.SUM),
+        "allreduce": lambda: mpidp.allreduce(x, op=mpidp.Sum, name="small"),
+        "allreduce, check off": off,
+        "allreduce_": lambda: mpidp.allreduce_(x, op=mpidp.Sum, name="small_"),
+        "async + synchronize": lambda: mpidp.synchronize(mpidp.allreduce_async(x, op=mpidp.Sum, name="async")),
+    }
+    times = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for k, fn in variants.items():
+            comm.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(args.calls):
+                fn()
+            times[k].append(comm.allreduce((time.perf_counter() - t0) / args.calls * 1e6, op=MPI.MAX))
+    if comm.rank == 0:
+        raw = statistics.median(times["raw comm.Allreduce"])
+        print(f"{x.nbytes} B float32, op Sum, np={comm.size}: median over {args.rounds} rounds of {args.calls} calls")
+        for k, v in times.items():
+            print(f"  {k:24s} {statistics.median(v):8.1f} us  {statistics.median(v) / raw:5.2f}x raw")
+    mpidp.shutdown()
+
+
+if __name__ == "__main__":
+    main()
