@@ -353,6 +353,12 @@ def _grouped_arrays(tensors, name, inplace):
 _DTYPE, _SHAPE, _SIZE, _WRITEABLE = (operator.attrgetter(a) for a in ("dtype", "shape", "size", "flags.writeable"))
 
 
+ALONE_BYTES = 1 << 20
+"""A grouped call's tensors of at least this size are reduced by themselves (in place where the call
+is and the tensor is contiguous) rather than copied into and out of the dtype's fused buffer: the
+two copies cost more than another collective's few MPI calls."""
+
+
 def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking):
     op = as_op(op)
     given = name
@@ -368,8 +374,17 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
         groups = {}  # dtype -> indices, in order of first appearance
         for i, dtype in enumerate(dtypes):
             groups.setdefault(dtype, []).append(i)
-    buffers = []
+    buffers = []  # (dtype, indices of its tensors, their ends in it, Staged)
     for dtype, idx in groups.items():
+        alone = [i for i in idx if tensors[i].size * dtype.itemsize >= ALONE_BYTES]
+        if alone:  # big tensors are reduced by themselves, in place where they can be: no copy in or out
+            idx = [i for i in idx if tensors[i].size * dtype.itemsize < ALONE_BYTES]
+            for i in alone:
+                t = tensors[i]
+                work = t if inplace and t.flags.c_contiguous else _copy(xp, t)
+                buffers.append((dtype, [i], [t.size], Staged(work)))
+        if not idx:
+            continue
         members = [tensors[i] for i in idx]
         ends = list(itertools.accumulate(map(_SIZE, members)))
         fused = Staged(empty_result(xp, (ends[-1],), dtype), copy_in=False)
@@ -382,13 +397,15 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
             for t, a, b in zip(members, [0] + ends, ends):
                 view = fused.host[a:b].reshape(t.shape)
                 t.get(out=view) if t.flags.c_contiguous else xp.ascontiguousarray(t).get(out=view)
-        scale(fused.host, prescale_factor)
         buffers.append((dtype, idx, ends, fused))
+    for *_, staged in buffers:
+        scale(staged.host, prescale_factor)
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
     names = {dtype: dtype_name(dtype) for dtype in groups}
-    paths = tuple(_path(fused.host, comm, op, True) for *_, fused in buffers)
+    paths = tuple(_path(staged.host, comm, op, True) for *_, staged in buffers)
     signature = _signature(eng, "grouped_allreduce", given, ("op", op.name),
                            ("tensors", tuple(zip(map(names.__getitem__, dtypes), map(_SHAPE, tensors)))),
+                           ("buffers", tuple((names[dtype], ends[-1]) for dtype, _, ends, _ in buffers)),
                            ("path", paths),
                            ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
                            ("piece bytes", _buffers.piece_bytes()))
@@ -397,15 +414,19 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
         nonlocal post
         if joined and op is Average:
             post = average_factor(postscale_factor, comm.Get_size(), joined)
-        return [_reduce(comm, path, None, fused.host, mpi_op(op, dtype), op.ufunc, post, seq)
-                for (dtype, _, _, fused), path in zip(buffers, paths)]
+        return [_reduce(comm, path, None, flat(staged.host), mpi_op(op, dtype), op.ufunc, post, seq)
+                for (dtype, _, _, staged), path in zip(buffers, paths)]
 
     def finish(scaled):
         out = [None] * len(tensors)
-        for (dtype, idx, ends, fused), done in zip(buffers, scaled):
-            result = fused.finish()
+        for (dtype, idx, ends, staged), done in zip(buffers, scaled):
+            result = staged.finish()
             if not done:
                 scale(result, post)
+            if result is tensors[idx[0]]:  # reduced in the caller's own tensor
+                out[idx[0]] = result
+                continue
+            result = flat(result)
             members = [tensors[i] for i in idx]
             views = [result[a:b] for a, b in zip([0] + ends, ends)]
             shaped = [v if v.shape == s else v.reshape(s) for v, s in zip(views, map(_SHAPE, members))]

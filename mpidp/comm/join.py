@@ -160,11 +160,8 @@ def _allreduce(comm, fields, joined):
 
 def _grouped_allreduce(comm, fields, joined):
     op = as_op(fields["op"])
-    counts = {}  # dtype -> elements, in order of first appearance (the ranks' fused buffers)
-    for name, shape in fields["tensors"]:
-        counts[name] = counts.get(name, 0) + math.prod(shape)
     factor = _factor(fields, comm.Get_size(), joined)
-    for (name, count), path in zip(counts.items(), fields["path"]):
+    for (name, count), path in zip(fields["buffers"], fields["path"]):  # the ranks' buffers, in order
         _reduce(comm, op, _dtype(name), count, path, factor, fields["sequence number"])
 
 

@@ -155,8 +155,13 @@ def test_check_off_and_piece_size_change(size):
     assert not any(key[3] == "pieces" for key in _plans())
 
 
+@pytest.mark.parametrize("alone", [None, 16], ids=["fused", "big ones alone"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "in place"])
-def test_grouped_mixed_dtypes_shapes_and_layouts(rank, size, inplace):
+def test_grouped_mixed_dtypes_shapes_and_layouts(rank, size, inplace, alone, monkeypatch):
+    """Every tensor fused per dtype, or (ALONE_BYTES lowered) every tensor of 16 bytes or more
+    reduced by itself: in the caller's tensor where it is contiguous, via a copy where not."""
+    if alone:
+        monkeypatch.setattr(collectives, "ALONE_BYTES", alone)
     shapes = [(3, 4), (), (0,), (5,), (2, 3, 2), (7,)]
     dtypes = ["float32", "float64", "float32", "float16", "float64", "float32"]
     base = [data(s, d, 10 + i + 100 * rank) for i, (s, d) in enumerate(zip(shapes, dtypes))]
@@ -173,6 +178,21 @@ def test_grouped_mixed_dtypes_shapes_and_layouts(rank, size, inplace):
             if inplace:
                 assert out[i] is ins[i]
             numpy.testing.assert_allclose(out[i].astype(numpy.float64), want, rtol=tol(d) * 4, atol=tol(d))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "in place"])
+def test_grouped_big_tensor_at_the_real_threshold(rank, size, inplace):
+    """A tensor of ALONE_BYTES goes by itself (the ring, at this size), its neighbours fused."""
+    shapes = [(5,), (collectives.ALONE_BYTES // 4,), (3, 3)]
+    ins = [data(s, "float32", 7 + i + 100 * rank) for i, s in enumerate(shapes)]
+    before = [x.copy() for x in ins]
+    out = (mpidp.grouped_allreduce_ if inplace else mpidp.grouped_allreduce)(ins, op=mpidp.Sum, name="big")
+    for i, s in enumerate(shapes):
+        want = sum(data(s, "float32", 7 + i + 100 * r).astype(numpy.float64) for r in range(size))
+        numpy.testing.assert_allclose(out[i], want, rtol=1e-5)
+        assert (out[i] is ins[i]) == inplace
+        if not inplace:
+            assert numpy.array_equal(ins[i], before[i]), "the input changed"
 
 
 def test_grouped_read_only_names_the_tensor():

@@ -225,3 +225,22 @@ def test_repeated_average_by_name_divides_by_the_ranks_that_contributed(rank, si
         them = range(size) if step == 0 else range(max(1, size - 1))
         numpy.testing.assert_allclose(got[step], numpy.full(3, sum(r + step for r in them) / len(them)),
                                       err_msg=f"step {step}")
+
+
+def test_grouped_with_big_tensors_and_joined_ranks(rank, size, monkeypatch):
+    """Big tensors of a grouped call are reduced by themselves: a joined rank takes part in each
+    of the call's buffers, fused and alone, in the same order."""
+    from mpidp.comm import collectives
+    monkeypatch.setattr(collectives, "ALONE_BYTES", 64)
+    shapes, dtypes = [(40,), (3,), (5, 9), (2,)], ["float32", "float32", "float64", "float64"]
+    steps = 1 if rank == size - 1 and size > 1 else 3
+    got = []
+    for step in range(steps):
+        xs = [data(s, d, 50 * rank + 10 * step + i) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+        got.append(mpidp.grouped_allreduce_(xs, name=f"gb{step}"))
+    mpidp.join()
+    for step, out in enumerate(got):
+        them = [r for r in range(size) if step == 0 or r != size - 1 or size == 1]
+        for i, (s, d) in enumerate(zip(shapes, dtypes)):
+            want = sum(data(s, d, 50 * r + 10 * step + i).astype(numpy.float64) for r in them) / len(them)
+            numpy.testing.assert_allclose(out[i], want, rtol=tol(d), atol=tol(d), err_msg=f"step {step}, {i}")
