@@ -443,13 +443,15 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
 
 def grouped_allreduce(tensors, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0,
                       process_set=None):
-    """New arrays: each tensor reduced, all in one fused exchange per dtype."""
+    """New arrays: each tensor reduced, in one check and one fused exchange per dtype (tensors of
+    ``ALONE_BYTES`` or more by themselves)."""
     return _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_set, False, True)
 
 
 def grouped_allreduce_(tensors, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0,
                        process_set=None):
-    """Reduce each tensor in place, in one fused exchange per dtype."""
+    """Reduce each tensor in place, in one check and one fused exchange per dtype (tensors of
+    ``ALONE_BYTES`` or more by themselves, in their own memory)."""
     return _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_set, True, True)
 
 
