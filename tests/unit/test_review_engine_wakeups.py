@@ -42,3 +42,64 @@ def test_stop_returns_when_another_thread_ends_its_direct_job():
     stopper.join(10)
     assert not stopper.is_alive(), "stop() never returned: the engine thread was not woken when the job ended"
     assert eng._thread is None
+
+
+def _direct_job_in_a_thread(eng):
+    """A user thread runs a blocking job directly (the engine busy) until the returned event is set."""
+    running, go = threading.Event(), threading.Event()
+
+    def job():
+        running.set()
+        go.wait(10)
+
+    user = threading.Thread(target=lambda: eng.run(job, "direct", 1), daemon=True)
+    user.start()
+    assert running.wait(10) and eng._busy
+    return user, go
+
+
+def test_the_engine_thread_takes_work_queued_behind_a_direct_job():
+    eng = Engine(stall.Progress(), name="review-engine")
+    user, go = _direct_job_in_a_thread(eng)
+    handle = eng.submit(lambda: 7, "queued", 2)  # the engine thread starts, sees the engine busy, sleeps
+    go.set()
+    user.join(10)
+    assert _wait_for(handle.done), "the queued job never ran: the engine thread was not woken"
+    assert handle.wait() == 7
+    eng.stop()
+
+
+def test_drain_returns_when_a_direct_job_in_another_thread_ends():
+    eng = Engine(stall.Progress(), name="review-engine")
+    user, go = _direct_job_in_a_thread(eng)
+    drainer = threading.Thread(target=eng.drain, daemon=True)
+    drainer.start()
+    assert _wait_for(lambda: eng._drainers == 1)
+    go.set()
+    user.join(10)
+    drainer.join(10)
+    assert not drainer.is_alive(), "drain() never returned"
+
+
+def test_a_second_waiter_gets_the_result_another_thread_finished():
+    eng = Engine(stall.Progress(), name="review-engine")
+    finishing, go, results = threading.Event(), threading.Event(), []
+
+    def finish(value):
+        finishing.set()
+        go.wait(10)
+        return value + 1
+
+    handle = eng.submit(lambda: 41, "shared", 1, finish, wake=False)
+    first = threading.Thread(target=lambda: results.append(handle.wait()), daemon=True)
+    first.start()
+    assert finishing.wait(10)
+    second = threading.Thread(target=lambda: results.append(handle.wait()), daemon=True)
+    second.start()
+    assert _wait_for(lambda: eng._finishers == 1)
+    go.set()
+    first.join(10)
+    second.join(10)
+    assert not second.is_alive(), "the second waiter was not woken when the first finished the handle"
+    assert results == [42, 42]
+    eng.stop()
