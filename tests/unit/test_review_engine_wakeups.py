@@ -3,9 +3,12 @@
 No MPI: an Engine without a communicator, with jobs that are plain Python functions, and events
 that put the threads in the order under test (no sleeps, no luck).
 """
+import signal
 import threading
 
-from mpidp.comm import stall
+import pytest
+
+from mpidp.comm import engine as engine_mod, stall
 from mpidp.comm.engine import Engine
 
 
@@ -103,3 +106,41 @@ def test_a_second_waiter_gets_the_result_another_thread_finished():
     assert not second.is_alive(), "the second waiter was not woken when the first finished the handle"
     assert results == [42, 42]
     eng.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="pre-existing: a Ctrl-C between claiming a job (busy=True) and _enter() "
+                                       "setting the thread's engine is not held; see the review report")
+@pytest.mark.parametrize("how", ["waiter runs a queued job", "direct run"])
+def test_ctrl_c_as_a_thread_claims_a_job_leaves_the_engine_usable(how, monkeypatch):
+    """SIGINT held while a job runs (engine._hold_sigint) must cover the moment the thread claims the
+    job too: a KeyboardInterrupt there left the engine busy for ever and the claimed job never run,
+    so every later collective on the communicator (and shutdown) waited for ever."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    eng = Engine(stall.Progress(), name="review-engine")
+    eng.submit(lambda: None, "start the engine thread", 0).wait()  # then idle: wake=False work is ours
+    real, fired = engine_mod._enter, []
+
+    def enter(engine, seq):  # the signal lands in the last bytecodes before the thread's engine is set
+        if engine is eng and seq == 1 and not fired:
+            fired.append(seq)
+            signal.raise_signal(signal.SIGINT)
+        return real(engine, seq)
+
+    monkeypatch.setattr(engine_mod, "_enter", enter)
+    ran = []
+    if how == "direct run":
+        with pytest.raises(KeyboardInterrupt):
+            eng.run(lambda: ran.append(1), "interrupted", 1)
+        handle = None
+    else:
+        handle = eng.submit(lambda: ran.append(1) or "first", "interrupted", 1, wake=False)
+        with pytest.raises(KeyboardInterrupt):
+            handle.wait()
+    later = []
+    waiter = threading.Thread(target=lambda: later.append((handle.wait() if handle else None,
+                                                           eng.run(lambda: "next", "next", 2))), daemon=True)
+    waiter.start()
+    waiter.join(5)
+    assert not waiter.is_alive(), "the engine stayed busy after the Ctrl-C: the next collective waits for ever"
+    assert later == [("first" if handle else None, "next")]
