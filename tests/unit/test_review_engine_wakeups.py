@@ -118,7 +118,8 @@ def test_ctrl_c_as_a_thread_claims_a_job_leaves_the_engine_usable(how, monkeypat
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")
     eng = Engine(stall.Progress(), name="review-engine")
-    eng.submit(lambda: None, "start the engine thread", 0).wait()  # then idle: wake=False work is ours
+    eng.submit(lambda: None, "start the engine thread", 0).wait()
+    assert _wait_for(lambda: len(eng._cv._waiters) == 1)  # the engine thread asleep: wake=False work is ours
     real, fired = engine_mod._enter, []
 
     def enter(engine, seq):  # the signal lands in the last bytecodes before the thread's engine is set
