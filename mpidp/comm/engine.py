@@ -239,9 +239,10 @@ class Engine:
     def _notify(self):
         """Wake the threads waiting on this engine, where one can go on (call with the lock held): a
         waiter in help_until, drain() or for a handle's finish, or the engine thread when work is
-        queued. The idle engine thread is not woken for nothing: on a busy core each needless
-        wake-up took the GIL from the caller (0.4 ms per training step at one rank)."""
-        if self._queue or self._helpers or self._drainers or self._finishers:
+        queued or stop() waits for it to end (it may end once the job running elsewhere is done).
+        The idle engine thread is not woken for nothing: on a busy core each needless wake-up
+        took the GIL from the caller (0.4 ms per training step at one rank)."""
+        if self._queue or self._helpers or self._drainers or self._finishers or self._stopping:
             self._cv.notify_all()
 
     def drain(self):
