@@ -124,7 +124,7 @@ def meet(eng, h, carry=None):
         eng.comm.Allreduce(MPI.IN_PLACE, m.row, op=MPI.MIN)
         return m.row[0] == h and -m.row[1] == h
     m.row[0] = h
-    if carry is not None:
+    if carry is not None and carry.nbytes:
         m.mine[8:8 + carry.nbytes] = memoryview(carry).cast("B")
     eng.comm.Allgather(m.row, m.rows)
     return m.ids.tolist().count(h) == len(m.ids)

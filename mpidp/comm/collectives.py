@@ -210,6 +210,9 @@ def _carries(comm, path, dtype, nbytes):
     return path in ("MPI", "MPI, in place") and dtype not in HALF and 0 < nbytes <= check.carrying(comm)
 
 
+_NOTHING = numpy.empty(0, dtype=numpy.uint8)  # what a rank carries that has nothing to give
+
+
 def _on_host(buf):
     """``buf``'s bytes in host memory for the check to carry (a copy of a small device array)."""
     return buf if isinstance(buf, numpy.ndarray) else asnumpy(buf)
@@ -535,20 +538,21 @@ def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
                            ("shape", tuple(x.shape)))
     buf = Staged(work, copy_in=comm.Get_rank() == root)
     # a small message travels in the root's row of the check (whatever memory it is in: the
-    # broadcast's signature does not say, and ranks must decide alike)
-    carry = _on_host(flat(buf.host)).view(numpy.uint8) if 0 < x.nbytes <= check.carrying(comm) else None
+    # broadcast's signature does not say, and ranks must decide alike); the others carry nothing
+    carry = None
+    if 0 < x.nbytes <= check.carrying(comm):
+        carry = _on_host(flat(buf.host)).view(numpy.uint8) if comm.Get_rank() == root else _NOTHING
 
     def body(joined):
         bcast_pieces(comm, flat(buf.host), root)
 
-    def carried():
-        got = check.carried(eng, root, x.nbytes).view(x.dtype)
-        if isinstance(buf.host, numpy.ndarray):
-            flat(buf.host)[...] = got
-        else:
-            flat(buf.host)[...] = xp.asarray(got)
+    def carried():  # a copy: the check's rows are the next check's
+        return check.carried(eng, root, x.nbytes).copy()
 
-    def finish(_):
+    def finish(got):
+        if got is not None:  # written in the caller's thread, on its device and stream
+            target = flat(buf.host)
+            target[...] = got.view(x.dtype) if isinstance(target, numpy.ndarray) else xp.asarray(got.view(x.dtype))
         buf.finish()
         if inplace and work is not x:
             x[...] = work
