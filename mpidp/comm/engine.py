@@ -171,13 +171,14 @@ class Engine:
         if getattr(_local, "engine", None) is self:  # inside one of our jobs: already in order
             value = fn()
             return value if finish is None else finish(value)
+        outer = _enter(self, seq)  # SIGINT is held from here on: a job claimed below always runs and ends
         with self._lock:
             direct = not self._busy and not self._queue
             if direct:
                 self._busy = True
         if not direct:
+            _leave(outer)
             return self.submit(fn, what, seq, finish, release=release).wait()
-        outer = _enter(self, seq)
         self.progress.begin_wait(what, seq)
         try:
             if timeline.enabled():
@@ -231,10 +232,11 @@ class Engine:
                         return False
                     handle._state = _FINISHING
                     return True
+                outer = _enter(self, self._queue[0][0].seq)  # SIGINT held before the job is claimed
                 job, fn = self._queue.popleft()
                 if not nested:
                     self._busy = True
-            self._execute(job, fn, nested)
+            self._execute(job, fn, nested, outer)
 
     def _notify(self):
         """Wake the threads waiting on this engine, where one can go on (call with the lock held): a
@@ -268,8 +270,10 @@ class Engine:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def _execute(self, handle, fn, nested=False):
-        outer = _enter(self, handle.seq)
+    def _execute(self, handle, fn, nested=False, outer=None):
+        """Run a claimed job (``outer``: what ``_enter`` returned, where the caller entered already)."""
+        if outer is None:
+            outer = _enter(self, handle.seq)
         if not nested:
             self.progress.begin_wait(handle.what, handle.seq)
         try:

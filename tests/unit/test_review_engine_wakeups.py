@@ -108,8 +108,6 @@ def test_a_second_waiter_gets_the_result_another_thread_finished():
     eng.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="pre-existing: a Ctrl-C between claiming a job (busy=True) and _enter() "
-                                       "setting the thread's engine is not held; see the review report")
 @pytest.mark.parametrize("how", ["waiter runs a queued job", "direct run"])
 def test_ctrl_c_as_a_thread_claims_a_job_leaves_the_engine_usable(how, monkeypatch):
     """SIGINT held while a job runs (engine._hold_sigint) must cover the moment the thread claims the
