@@ -99,6 +99,7 @@ class Handle:
             with engine._lock:
                 self._state = _FINISHED
                 engine._notify()
+            _hold_while_finishing(False)
 
     def _complete(self, fn):
         self.t_start = time.perf_counter()
@@ -231,6 +232,7 @@ class Engine:
                     if handle._state == _FINISHED:
                         return False
                     handle._state = _FINISHING
+                    _hold_while_finishing(True)  # released by Handle._settle once finished
                     return True
                 outer = _enter(self, self._queue[0][0].seq)  # SIGINT held before the job is claimed
                 job, fn = self._queue.popleft()
@@ -315,7 +317,7 @@ _wrapped = None  # the handler ours wraps
 
 
 def _hold_sigint(signum, frame):
-    if getattr(_local, "engine", None) is not None:
+    if getattr(_local, "engine", None) is not None or getattr(_local, "finishing", 0):
         _held.append((signum, frame))
     else:
         _wrapped(signum, frame)
@@ -331,7 +333,22 @@ def _enter(engine, seq):
 
 def _leave(outer):
     _local.engine, _local.seq = outer
-    if _held and outer[0] is None and threading.get_ident() == _MAIN:
+    _deliver_held()
+
+
+def _hold_while_finishing(on):
+    """A waiter that claimed a handle's finish holds SIGINT until the finish is done (a Ctrl-C in
+    between would leave the handle FINISHING for every other waiter)."""
+    if on and threading.get_ident() == _MAIN:
+        _guard_sigint()
+    _local.finishing = getattr(_local, "finishing", 0) + (1 if on else -1)  # a finish may wait on another
+    if not on:
+        _deliver_held()
+
+
+def _deliver_held():
+    if (_held and getattr(_local, "engine", None) is None and not getattr(_local, "finishing", 0)
+            and threading.get_ident() == _MAIN):
         signum, frame = _held.pop()
         _held.clear()
         _wrapped(signum, frame)

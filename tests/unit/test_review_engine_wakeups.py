@@ -143,3 +143,32 @@ def test_ctrl_c_as_a_thread_claims_a_job_leaves_the_engine_usable(how, monkeypat
     waiter.join(5)
     assert not waiter.is_alive(), "the engine stayed busy after the Ctrl-C: the next collective waits for ever"
     assert later == [("first" if handle else None, "next")]
+
+
+def test_ctrl_c_as_a_waiter_claims_the_finish_leaves_the_handle_finished(monkeypatch):
+    """A Ctrl-C between a waiter claiming a handle's finish (FINISHING) and running it left the
+    handle FINISHING for ever: every later wait() on it hung. It is held until the finish is done,
+    then raised in the waiter."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    eng = Engine(stall.Progress(), name="review-engine")
+    handle = eng.submit(lambda: 41, "job", 1, finish=lambda v: v + 1, wake=False)
+    real = eng.help_until
+
+    def help_until(h):  # the signal lands right after the claim, before the finish runs
+        claimed = real(h)
+        if claimed:
+            signal.raise_signal(signal.SIGINT)
+        return claimed
+
+    monkeypatch.setattr(eng, "help_until", help_until)
+    with pytest.raises(KeyboardInterrupt):
+        handle.wait()
+    monkeypatch.setattr(eng, "help_until", real)
+    results = []
+    other = threading.Thread(target=lambda: results.append(handle.wait()), daemon=True)
+    other.start()
+    other.join(5)
+    assert not other.is_alive(), "the handle stayed FINISHING: a later wait() hangs"
+    assert results == [42]
+    eng.stop()
