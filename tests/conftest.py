@@ -37,3 +37,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if item.get_closest_marker("spawns") and under_mpi:
             item.add_marker(nested)
+
+
+@pytest.fixture
+def sigint_raises():
+    """Python's default SIGINT handler for the test: a suite started in the background by a
+    non-interactive shell inherits SIGINT ignored, and then no Ctrl-C can be tested."""
+    import signal
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)

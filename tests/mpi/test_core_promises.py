@@ -227,7 +227,7 @@ def test_work_queued_behind_a_waited_handle_completes_without_a_waiter(size):
         assert h2.wait().tolist() == [size] * 4
 
 
-def test_keyboard_interrupt_reaches_the_waiter_not_the_job_it_was_running(size):
+def test_keyboard_interrupt_reaches_the_waiter_not_the_job_it_was_running(size, sigint_raises):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")
     comm = runtime.get_comm()

@@ -109,7 +109,7 @@ def test_a_second_waiter_gets_the_result_another_thread_finished():
 
 
 @pytest.mark.parametrize("how", ["waiter runs a queued job", "direct run"])
-def test_ctrl_c_as_a_thread_claims_a_job_leaves_the_engine_usable(how, monkeypatch):
+def test_ctrl_c_as_a_thread_claims_a_job_leaves_the_engine_usable(how, monkeypatch, sigint_raises):
     """SIGINT held while a job runs (engine._hold_sigint) must cover the moment the thread claims the
     job too: a KeyboardInterrupt there left the engine busy for ever and the claimed job never run,
     so every later collective on the communicator (and shutdown) waited for ever."""
@@ -145,7 +145,7 @@ def test_ctrl_c_as_a_thread_claims_a_job_leaves_the_engine_usable(how, monkeypat
     assert later == [("first" if handle else None, "next")]
 
 
-def test_ctrl_c_as_a_waiter_claims_the_finish_leaves_the_handle_finished(monkeypatch):
+def test_ctrl_c_as_a_waiter_claims_the_finish_leaves_the_handle_finished(monkeypatch, sigint_raises):
     """A Ctrl-C between a waiter claiming a handle's finish (FINISHING) and running it left the
     handle FINISHING for ever: every later wait() on it hung. It is held until the finish is done,
     then raised in the waiter."""
