@@ -130,21 +130,20 @@ def meet(eng, h, carry=None):
     return m.ids.tolist().count(h) == len(m.ids)
 
 
+def carried(eng, nbytes):
+    """The first ``nbytes`` that every rank carried in ``eng``'s check that just passed: a uint8
+    view, row r from rank r, valid until the next check on the communicator."""
+    return eng.meeting.bytes[:, 8:8 + nbytes]
+
+
 def reduce_carried(eng, out, mpi_op, datatype):
     """Reduce what every rank carried in ``eng``'s check that just passed into ``out`` (a C-contiguous
     host array of the carried size): rank by rank in rank order with MPI's own op, so every rank gets
     the same bits and MPI's semantics (no NumPy error state, wrap-around integers, the op's NaN rules)."""
-    rows = eng.meeting.bytes
-    end = 8 + out.nbytes
-    memoryview(out).cast("B")[:] = rows[0, 8:end]
-    for r in range(1, len(rows)):
-        mpi_op.Reduce_local([rows[r, 8:end], datatype], [out, datatype])
-
-
-def carried(eng, rank, nbytes):
-    """The first ``nbytes`` that ``rank`` carried in ``eng``'s check that just passed (a uint8 view,
-    valid until the next check on the communicator)."""
-    return eng.meeting.bytes[rank, 8:8 + nbytes]
+    rows = carried(eng, out.nbytes)
+    memoryview(out).cast("B")[:] = rows[0]
+    for row in rows[1:]:
+        mpi_op.Reduce_local([row, datatype], [out, datatype])
 
 
 def mismatch_error(collective, rows, comm, advice=None):

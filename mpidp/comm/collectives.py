@@ -191,10 +191,7 @@ def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set,
     run = _job(comm, "allreduce", what, signature, seq, body, x if carries else None, carried, fingerprint)
     if not blocking:
         return eng.submit(run, what, seq, functools.partial(_scaled, out), wake)
-    factor = eng.run(run, what, seq)
-    if factor != 1.0:
-        scale(out, factor)
-    return out
+    return _scaled(out, eng.run(run, what, seq))
 
 
 def _scaled(out, factor):
@@ -498,12 +495,12 @@ def _allgather_core(x, name, process_set, blocking):
         return gather(table)
 
     def carried():
-        n = comm.Get_size()
-        table = numpy.array([check.carried(eng, r, 8).view(numpy.int64)[0] for r in range(n)])
+        table = check.carried(eng, 8).view(numpy.int64)[:, 0].copy()  # every rank's row count
         if (table < 0).any():  # some rank's rows did not fit: the counts came, the rows go now
             return gather(numpy.where(table < 0, -1 - table, table))
+        rows = check.carried(eng, room + 8)
         size = row * x.itemsize
-        parts = [check.carried(eng, r, 8 + int(table[r]) * size)[8:] for r in range(n)]
+        parts = [rows[r, 8:8 + int(count) * size] for r, count in enumerate(table)]
         return numpy.concatenate(parts).view(x.dtype).reshape((int(table.sum()),) + tail)
 
     def finish(out):
@@ -547,7 +544,7 @@ def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
         bcast_pieces(comm, flat(buf.host), root)
 
     def carried():  # a copy: the check's rows are the next check's
-        return check.carried(eng, root, x.nbytes).copy()
+        return check.carried(eng, x.nbytes)[root].copy()
 
     def finish(got):
         if got is not None:  # written in the caller's thread, on its device and stream
