@@ -86,10 +86,19 @@ def compare(comm, collective, name, signature, seq, advice=None, known=None, car
     if eng is None or eng.comm is not comm:
         raise RuntimeError(f"mpidp internal error: the {collective} check of {name!r} ran outside the "
                            f"engine of its communicator; route it through engine_for(comm).run()")
-    h = (fingerprint(signature) if known is None else known) ^ ((seq * _MIX) & _MASK)
-    if meet(eng, h, carry):
+    if meet(eng, stamp(fingerprint(signature) if known is None else known, seq), carry):
         return ()
-    # the rare path: gather what each rank passed
+    return differ(comm, collective, name, signature, seq, advice)
+
+
+def stamp(fingerprint, seq):
+    """What a rank passes to ``meet`` for a signature's ``fingerprint`` at sequence number ``seq``."""
+    return fingerprint ^ ((seq * _MIX) & _MASK)
+
+
+def differ(comm, collective, name, signature, seq, advice=None):
+    """The rare path, after ``meet`` found ranks that passed different values: gather what each rank
+    passed; returns the joined ranks where the others agree (``mpidp.join``), else raises MismatchError."""
     rows = comm.allgather((name, tuple(signature) + (("sequence number", seq),)))
     from .join import is_joined, settle  # (mpidp.comm.join is the function)
     if any(is_joined(row) for row in rows):
@@ -113,12 +122,19 @@ class _Meeting:
         self.bytes = self.rows.view(numpy.uint8)
 
 
-def meet(eng, h, carry=None):
-    """The check's one MPI call on ``eng``'s communicator: True when every rank passed ``h``.
-    ``carry`` (where the check is an allgather) travels along, for ``reduce_carried``."""
+def meeting(eng):
+    """``eng``'s buffers for the check (made on first use; new ones when it binds a communicator)."""
     m = eng.meeting
     if m is None:
         m = eng.meeting = _Meeting(eng.comm)
+    return m
+
+
+def meet(eng, h, carry=None):
+    """The check's one MPI call on ``eng``'s communicator: True when every rank passed ``h``.
+    ``carry`` (where the check is an allgather) travels along, for ``reduce_carried``; a ``Carrier``'s
+    payload is put in place before."""
+    m = eng.meeting or meeting(eng)
     if not m.gather:
         m.row[0], m.row[1] = h, -h
         eng.comm.Allreduce(MPI.IN_PLACE, m.row, op=MPI.MIN)
@@ -128,6 +144,28 @@ def meet(eng, h, carry=None):
         m.mine[8:8 + carry.nbytes] = memoryview(carry).cast("B")
     eng.comm.Allgather(m.row, m.rows)
     return m.ids.tolist().count(h) == len(m.ids)
+
+
+class Carrier:
+    """Typed views of a repeated small collective's payload in the rows of ``eng``'s check, made once
+    (for its plan): ``mine[...] = x`` before ``meet``, then ``rows[r]`` is what rank r carried (valid
+    while ``eng`` keeps its communicator, as the plans are)."""
+
+    __slots__ = ("mine", "rows", "others")
+
+    def __init__(self, eng, dtype, shape):
+        m = meeting(eng)
+        inner = numpy.empty(shape, dtype).strides  # (the payload is at most ROW - 8 bytes)
+        self.mine = numpy.ndarray(shape, dtype, buffer=m.row, offset=8)
+        self.rows = numpy.ndarray((len(m.rows),) + tuple(shape), dtype, buffer=m.rows, offset=8,
+                                  strides=(m.rows.strides[0],) + inner)
+        self.others = [self.rows[r, ...] for r in range(1, len(m.rows))]  # (views, for 0-d payloads too)
+
+    def reduce(self, out, mpi_op, datatype):
+        """``reduce_carried`` into ``out`` (C-contiguous, the payload's shape), with the views at hand."""
+        out[...] = self.rows[0]
+        for row in self.others:
+            mpi_op.Reduce_local([row, datatype], [out, datatype])
 
 
 def carried(eng, nbytes):

@@ -18,6 +18,8 @@ import operator
 import numpy
 from mpi4py import MPI
 
+from .. import timeline
+from ..backend.interop import is_foreign
 from ..backend.xp import asnumpy, get_array_module
 from ..errors import MpidpError
 from . import _buffers, _fatal, _hierarchical, check, dlpack as _dlpack, engine as _engine, runtime
@@ -162,36 +164,26 @@ def _plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace):
             topo, None if topo is None else topo.from_bytes)
 
 
-def _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake):
-    """The result (blocking) or handle of an allreduce through its cached plan; None where there is none."""
-    eng = _engine.engine
-    comm = eng.comm
-    if process_set is not None or comm is None or comm is not runtime._state.comm:
-        _, comm = resolve(process_set)
-        eng = engine_for(comm)
-    plan = eng.plans.get(_plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace))
-    flags = x.flags
-    if plan is None or not flags.c_contiguous or (inplace and not flags.writeable):
-        return None
-    signature, fingerprint, datatype, mop, post, recycle, carries, average = plan
-    seq = eng.started()
-    what = name or f"allreduce.{seq}"
-    out = x if inplace else (empty_result(numpy, x.shape, x.dtype) if recycle else numpy.empty(x.shape, x.dtype))
-    send = MPI.IN_PLACE if inplace else [x, datatype]
-
-    def body(joined):
-        comm.Allreduce(send, [out, datatype], op=mop)
-        # an average over the ranks that contributed when some have joined (mpidp.join)
-        return average_factor(postscale_factor, comm.Get_size(), joined) if joined and average else post
-
-    def carried():
-        check.reduce_carried(eng, out, mop, datatype)
-        return post
-
-    run = _job(comm, "allreduce", what, signature, seq, body, x if carries else None, carried, fingerprint)
-    if not blocking:
-        return eng.submit(run, what, seq, functools.partial(_scaled, out), wake)
-    return _scaled(out, eng.run(run, what, seq))
+def _allreduce_planned(eng, plan, x, out, inplace, what, seq):
+    """Run an allreduce through its plan as a job of ``eng``: the factor its result is to be scaled by."""
+    signature, fingerprint, datatype, mop, _, carrier, post, average = plan
+    comm, joined, carried = eng.comm, (), False
+    if check._enabled:
+        if carrier is not None:
+            carrier.mine[...] = x
+        if check.meet(eng, check.stamp(fingerprint, seq)):
+            carried = carrier is not None
+        else:  # a joined rank carries nothing: then the reduction is an MPI call
+            joined = check.differ(comm, "allreduce", what, signature, seq)
+    try:
+        if carried:
+            carrier.reduce(out, mop, datatype)
+        else:
+            comm.Allreduce(MPI.IN_PLACE if inplace else [x, datatype], [out, datatype], op=mop)
+    except BaseException as exc:
+        _fatal.after_agreement(comm, f"allreduce of tensor {what!r}", exc)
+    # an average over the ranks that contributed when some have joined (mpidp.join)
+    return average_factor(average, comm.Get_size(), joined) if joined and average is not None else post
 
 
 def _scaled(out, factor):
@@ -215,7 +207,7 @@ def _on_host(buf):
     return buf if isinstance(buf, numpy.ndarray) else asnumpy(buf)
 
 
-def _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post, path):
+def _keep_plan(eng, key, signature, x, op, prescale_factor, postscale_factor, inplace, mop, post, path):
     """Cache the plan of a host allreduce that is one MPI call (see ``allreduce_pieces``): on the
     plain MPI path only, so a rank on the short path always does what a rank on the general one does."""
     count = max(1, min(MAX_COUNT, _buffers._piece // x.itemsize)) if inplace else MAX_COUNT
@@ -224,9 +216,9 @@ def _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post, 
         return
     if len(eng.plans) > 1024:
         eng.plans.clear()
-    eng.plans[key] = (signature, check.fingerprint(signature), mpi_type(x.dtype), mop, post,
-                      x.nbytes >= _buffers.RECYCLE_BYTES, _carries(eng.comm, path, x.dtype, x.nbytes),
-                      op is Average)
+    carrier = check.Carrier(eng, x.dtype, x.shape) if _carries(eng.comm, path, x.dtype, x.nbytes) else None
+    eng.plans[key] = (signature, check.fingerprint(signature), mpi_type(x.dtype), mop,
+                      x.nbytes >= _buffers.RECYCLE_BYTES, carrier, post, postscale_factor if op is Average else None)
 
 
 def _reduce(comm, path, send, recv, mop, ufunc, factor, seq):
@@ -236,12 +228,47 @@ def _reduce(comm, path, send, recv, mop, ufunc, factor, seq):
     return allreduce_pieces(comm, send, recv, mop, ufunc, factor, seq, ring_allowed=path.startswith("ring"))
 
 
+_ALLREDUCE_NAMES = {(False, True): "allreduce", (True, True): "allreduce_", (False, False): "allreduce_async",
+                    (True, False): "allreduce_async_"}
+
+
 def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
                     wake=True):
-    if type(x) is numpy.ndarray:
-        out = _allreduce_fast(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake)
-        if out is not None:
-            return out
+    if type(x) is not numpy.ndarray:
+        if is_foreign(x):  # (here, not in a wrapper: a small allreduce's budget is a few microseconds)
+            return _dlpack.call(_allreduce_core, x, inplace, _ALLREDUCE_NAMES[inplace, blocking], op, name,
+                                prescale_factor, postscale_factor, process_set, inplace, blocking, wake)
+        return _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
+                                  wake)
+    # a host array: through its cached plan, if the general path below kept one
+    eng = _engine.engine
+    comm = eng.comm
+    if process_set is not None or comm is None or comm is not runtime._state.comm:
+        _, comm = resolve(process_set)
+        eng = engine_for(comm)
+    plan = eng.plans.get(_plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace))
+    flags = x.flags
+    if plan is None or not flags.c_contiguous or (inplace and not flags.writeable):
+        return _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
+                                  wake)
+    seq = eng.started()
+    what = name or f"allreduce.{seq}"
+    out = x if inplace else (empty_result(numpy, x.shape, x.dtype) if plan[4] else numpy.empty(x.shape, x.dtype))
+    if blocking and not timeline.enabled():  # run it right here when the engine is free: no closures
+        outer = eng.claim(what, seq)
+        if outer is not _engine._BUSY:
+            try:
+                factor = _allreduce_planned(eng, plan, x, out, inplace, what, seq)
+            finally:
+                eng.unclaim(outer)
+            return _scaled(out, factor)
+    run = functools.partial(_allreduce_planned, eng, plan, x, out, inplace, what, seq)
+    if not blocking:
+        return eng.submit(run, what, seq, functools.partial(_scaled, out), wake)
+    return _scaled(out, eng.run(run, what, seq))
+
+
+def _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake):
     given, asked = name, op
     op = as_op(op)
     _, comm, eng, seq, name = _begin(process_set, "allreduce", name)
@@ -268,7 +295,7 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
                            ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
                            ("piece bytes", _buffers.piece_bytes()))
     if key is not None:
-        _keep_plan(eng, key, signature, x, op, prescale_factor, inplace, mop, post, path)
+        _keep_plan(eng, key, signature, x, op, prescale_factor, postscale_factor, inplace, mop, post, path)
 
     carry = (recv.host if send is None else send.host) if _carries(comm, path, x.dtype, x.nbytes) else None
 
@@ -726,13 +753,12 @@ def grouped_allreduce_async_(tensors, op=Average, name=None, prescale_factor=1.0
 
 
 # Arrays of other frameworks (PyTorch, JAX, ...) in, the same type out (dlpack.py).
-allreduce, allreduce_async, allgather, allgather_async, broadcast, broadcast_async, alltoall, \
-    alltoall_async, reducescatter, reducescatter_async = (
-        _dlpack.tensor_op(f) for f in (allreduce, allreduce_async, allgather, allgather_async, broadcast,
-                                       broadcast_async, alltoall, alltoall_async, reducescatter,
-                                       reducescatter_async))
-allreduce_, allreduce_async_, broadcast_, broadcast_async_ = (
-    _dlpack.tensor_op(f, inplace=True) for f in (allreduce_, allreduce_async_, broadcast_, broadcast_async_))
+# (allreduce's core does it itself.)
+allgather, allgather_async, broadcast, broadcast_async, alltoall, alltoall_async, reducescatter, \
+    reducescatter_async = (
+        _dlpack.tensor_op(f) for f in (allgather, allgather_async, broadcast, broadcast_async, alltoall,
+                                       alltoall_async, reducescatter, reducescatter_async))
+broadcast_, broadcast_async_ = (_dlpack.tensor_op(f, inplace=True) for f in (broadcast_, broadcast_async_))
 grouped_allreduce, grouped_allreduce_async = (
     _dlpack.grouped_op(f) for f in (grouped_allreduce, grouped_allreduce_async))
 grouped_allreduce_, grouped_allreduce_async_ = (

@@ -33,16 +33,21 @@ def _finish(result, then):
     return chain(result, then) if isinstance(result, Handle) else then(result)
 
 
+def call(fn, x, inplace, what, *args):
+    """``fn(x, *args)`` for a DLPack array ``x`` of another framework, answered in its type."""
+    view = native(x, what)
+    if inplace:
+        _writable(view, x, what)
+    return _finish(fn(view, *args), lambda r: x if inplace else restore(x, r))
+
+
 def tensor_op(fn, inplace=False):
     """Let ``fn(x, ...)`` take a DLPack array ``x`` and answer in its type (``x`` itself if in place)."""
     @functools.wraps(fn)
     def wrapper(x, *args, **kwargs):
         if type(x) is numpy.ndarray or not is_foreign(x):
             return fn(x, *args, **kwargs)
-        view = native(x, fn.__name__)
-        if inplace:
-            _writable(view, x, fn.__name__)
-        return _finish(fn(view, *args, **kwargs), lambda r: x if inplace else restore(x, r))
+        return call(functools.partial(fn, **kwargs), x, inplace, fn.__name__, *args)
     return wrapper
 
 

@@ -31,7 +31,9 @@ except ImportError:  # pragma: no cover - other Pythons
     _getsignal = signal.getsignal
 
 _PENDING, _DONE, _FINISHING, _FINISHED = range(4)
-_local = threading.local()  # .engine / .seq: the job this thread is executing, if any
+_local = threading.local()
+_BUSY = object()  # claim(): the engine cannot run a job in this thread now
+_OUTSIDE = (None, 0)  # _enter(): this thread ran no job  # .engine / .seq: the job this thread is executing, if any
 _MAIN = threading.main_thread().ident
 
 test_delay_s = 0.0
@@ -172,15 +174,9 @@ class Engine:
         if getattr(_local, "engine", None) is self:  # inside one of our jobs: already in order
             value = fn()
             return value if finish is None else finish(value)
-        outer = _enter(self, seq)  # SIGINT is held from here on: a job claimed below always runs and ends
-        with self._lock:
-            direct = not self._busy and not self._queue
-            if direct:
-                self._busy = True
-        if not direct:
-            _leave(outer)
+        outer = self.claim(what, seq)
+        if outer is _BUSY:
             return self.submit(fn, what, seq, finish, release=release).wait()
-        self.progress.begin_wait(what, seq)
         try:
             if timeline.enabled():
                 with timeline.span(what, "comm"):
@@ -192,12 +188,37 @@ class Engine:
                 release()
             raise
         finally:
-            self.progress.end_wait()
-            with self._lock:
-                self._busy = False
-                self._notify()
-            _leave(outer)
+            self.unclaim(outer)
         return value if finish is None else finish(value)
+
+    def claim(self, what, seq):
+        """Claim the engine to run collective ``seq`` in this thread now (the direct path of ``run``, for
+        callers that run their job inline): what ``unclaim`` takes once it is done, or ``_BUSY``
+        where work is queued or running, or this thread runs one of this engine's jobs."""
+        outer = getattr(_local, "engine", None)
+        if outer is self:
+            return _BUSY
+        outer = _enter(self, seq, outer)  # SIGINT is held from here on: a job claimed below always runs and ends
+        with self._lock:
+            if self._busy or self._queue:
+                direct = False
+            else:
+                direct = self._busy = True
+        if not direct:
+            _leave(outer)
+            return _BUSY
+        p = self.progress  # (Progress.begin_wait, inline: this path's budget is a few microseconds)
+        p.wait_seq, p.wait_start, p.waiting = seq, time.monotonic(), what
+        return outer
+
+    def unclaim(self, outer):
+        """End what ``claim`` began."""
+        self.progress.waiting = None
+        with self._lock:
+            self._busy = False
+            if self._queue or self._helpers or self._drainers or self._finishers or self._stopping:
+                self._cv.notify_all()  # (_notify, inline)
+        _leave(outer)
 
     def help_until(self, handle):
         """Run queued collectives in this thread, in queue order, until ``handle`` is done;
@@ -323,17 +344,25 @@ def _hold_sigint(signum, frame):
         _wrapped(signum, frame)
 
 
-def _enter(engine, seq):
-    outer = getattr(_local, "engine", None), getattr(_local, "seq", 0)
-    if outer[0] is None and threading.get_ident() == _MAIN:
-        _guard_sigint()
+def _enter(engine, seq, outer=False):
+    """Mark this thread as running job ``seq`` of ``engine`` (``outer``: the engine whose job it runs,
+    or None, where the caller read it already); returns what ``_leave`` restores."""
+    if outer is False:
+        outer = getattr(_local, "engine", None)
+    if outer is None:
+        if threading.get_ident() == _MAIN:
+            _guard_sigint()
+        outer = _OUTSIDE
+    else:
+        outer = outer, _local.seq
     _local.engine, _local.seq = engine, seq
     return outer
 
 
 def _leave(outer):
     _local.engine, _local.seq = outer
-    _deliver_held()
+    if _held:
+        _deliver_held()
 
 
 def _hold_while_finishing(on):

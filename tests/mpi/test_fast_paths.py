@@ -229,3 +229,24 @@ def test_async_fast_path_mismatch_raises_everywhere(rank, size):
         mpidp.synchronize(mpidp.allreduce_async(numpy.ones(3), op=mpidp.Sum, name="w"))
     h = mpidp.allreduce_async(numpy.ones(3), op=mpidp.Sum if rank == 1 else mpidp.Max, name="w")
     _expect_mismatch(lambda: mpidp.synchronize(h), "op")
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "in place"])
+def test_blocking_short_path_behind_queued_work_and_in_a_timeline(rank, size, inplace, tmp_path):
+    """A planned blocking allreduce runs in the caller's thread only while the engine is free: behind
+    queued async work it waits its turn (values and order stay), and a timeline records it."""
+    fn = mpidp.allreduce_ if inplace else mpidp.allreduce
+    small = numpy.full(3, rank + 1.0, numpy.float32)
+    fn(small.copy(), op=mpidp.Sum, name="behind")  # the plan
+    total = size * (size + 1) / 2
+    for _ in range(3):
+        big = mpidp.allreduce_async(numpy.full(1000, float(rank)), op=mpidp.Sum, name="queued")
+        got = fn(small.copy(), op=mpidp.Sum, name="behind")
+        assert got.tolist() == [total] * 3
+        assert mpidp.synchronize(big).tolist() == [size * (size - 1) / 2] * 1000
+    from mpidp import timeline
+    timeline.start(str(tmp_path / f"t{rank}.json"))
+    try:
+        assert fn(small.copy(), op=mpidp.Sum, name="behind").tolist() == [total] * 3
+    finally:
+        timeline.stop()

@@ -120,11 +120,11 @@ def test_ctrl_c_as_a_thread_claims_a_job_leaves_the_engine_usable(how, monkeypat
     assert _wait_for(lambda: len(eng._cv._waiters) == 1)  # the engine thread asleep: wake=False work is ours
     real, fired = engine_mod._enter, []
 
-    def enter(engine, seq):  # the signal lands in the last bytecodes before the thread's engine is set
+    def enter(engine, seq, *outer):  # the signal lands in the last bytecodes before the thread's engine is set
         if engine is eng and seq == 1 and not fired:
             fired.append(seq)
             signal.raise_signal(signal.SIGINT)
-        return real(engine, seq)
+        return real(engine, seq, *outer)
 
     monkeypatch.setattr(engine_mod, "_enter", enter)
     ran = []
