@@ -386,86 +386,135 @@ is and the tensor is contiguous) rather than copied into and out of the dtype's 
 two copies cost more than another collective's few MPI calls."""
 
 
-def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking):
-    op = as_op(op)
-    given = name
-    _, comm, eng, seq, name = _begin(process_set, "grouped_allreduce", name)
-    tensors, dtypes = _grouped_arrays(list(tensors), name, inplace)
-    for dtype in dict.fromkeys(dtypes):
-        check_reduction(op, dtype, f"grouped_allreduce of tensor {name}[{dtypes.index(dtype)}]",
-                        prescale_factor != 1 or postscale_factor != 1)
-    xp = numpy if set(map(type, tensors)) <= {numpy.ndarray} else get_array_module(*tensors)
+class _GroupedPlan:
+    """What a grouped call's layout and checked fields come to, kept for calls with the same dtypes,
+    shapes and arguments (a training step repeats one every step): ``buffers`` is one
+    (dtype, mpi op, unpack, alone) per exchange, ``unpack`` its (tensor index, start, end, shape or
+    None where a 1-D slice already has it); ``alone`` a big tensor reduced by itself."""
+
+    __slots__ = ("buffers", "signature", "fingerprint", "paths", "post", "average")
+
+
+def _grouped_key(comm, tensors, op, name, prescale_factor, postscale_factor, inplace):
+    return (_plan_key(comm, tensors[0], op, name, prescale_factor, postscale_factor, inplace)[2:]
+            + (tuple(map(_DTYPE, tensors)), tuple(map(_SHAPE, tensors))))
+
+
+def _grouped_layout(tensors, dtypes, op):
+    """The exchanges of a grouped call: one fused buffer per dtype, in order of first appearance,
+    and big tensors alone."""
     if len(set(dtypes)) <= 1:
         groups = {dtypes[0]: range(len(tensors))} if tensors else {}
     else:
         groups = {}  # dtype -> indices, in order of first appearance
         for i, dtype in enumerate(dtypes):
             groups.setdefault(dtype, []).append(i)
-    buffers = []  # (dtype, indices of its tensors, their ends in it, Staged)
+    buffers = []
     for dtype, idx in groups.items():
-        alone = [i for i in idx if tensors[i].size * dtype.itemsize >= ALONE_BYTES]
-        if alone:  # big tensors are reduced by themselves, in place where they can be: no copy in or out
-            idx = [i for i in idx if tensors[i].size * dtype.itemsize < ALONE_BYTES]
-            for i in alone:
-                t = tensors[i]
-                work = t if inplace and t.flags.c_contiguous else _copy(xp, t)
-                buffers.append((dtype, [i], [t.size], Staged(work)))
-        if not idx:
+        mop = mpi_op(op, dtype)
+        small = []
+        for i in idx:
+            if tensors[i].size * dtype.itemsize >= ALONE_BYTES:
+                buffers.append((dtype, mop, ((i, 0, tensors[i].size, tensors[i].shape),), True))
+            else:
+                small.append(i)
+        if small:
+            ends = list(itertools.accumulate(tensors[i].size for i in small))
+            buffers.append((dtype, mop, tuple((i, a, b, None if len(tensors[i].shape) == 1 else tensors[i].shape)
+                                              for i, a, b in zip(small, [0] + ends, ends)), False))
+    return buffers
+
+
+def _grouped_stage(buffers, tensors, xp, inplace):
+    """Each exchange's Staged buffer: the caller's big tensor itself where it can be, else a copy."""
+    staged = []
+    for dtype, _, unpack, alone in buffers:
+        if alone:
+            t = tensors[unpack[0][0]]
+            staged.append(Staged(t if inplace and t.flags.c_contiguous else _copy(xp, t)))
             continue
-        members = [tensors[i] for i in idx]
-        ends = list(itertools.accumulate(map(_SIZE, members)))
-        fused = Staged(empty_result(xp, (ends[-1],), dtype), copy_in=False)
+        members = tensors if len(unpack) == len(tensors) else [tensors[u[0]] for u in unpack]
+        fused = Staged(empty_result(xp, (unpack[-1][2],), dtype), copy_in=False)
         if xp is numpy:  # one copy of every tensor, straight into the buffer MPI reads, in one call
             numpy.concatenate(members, axis=None, out=fused.host)
         elif fused.host is fused.array:  # device memory under a CUDA-aware MPI
-            for t, a, b in zip(members, [0] + ends, ends):
+            for t, (_, a, b, _) in zip(members, unpack):
                 fused.host[a:b].reshape(t.shape)[...] = t
         else:
-            for t, a, b in zip(members, [0] + ends, ends):
+            for t, (_, a, b, _) in zip(members, unpack):
                 view = fused.host[a:b].reshape(t.shape)
                 t.get(out=view) if t.flags.c_contiguous else xp.ascontiguousarray(t).get(out=view)
-        buffers.append((dtype, idx, ends, fused))
-    for *_, staged in buffers:
-        scale(staged.host, prescale_factor)
-    post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
-    names = {dtype: dtype_name(dtype) for dtype in groups}
-    paths = tuple(_path(staged.host, comm, op, True) for *_, staged in buffers)
-    signature = _signature(eng, "grouped_allreduce", given, ("op", op.name),
-                           ("tensors", tuple(zip(map(names.__getitem__, dtypes), map(_SHAPE, tensors)))),
-                           ("buffers", tuple((names[dtype], ends[-1]) for dtype, _, ends, _ in buffers)),
-                           ("path", paths),
-                           ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
-                           ("piece bytes", _buffers.piece_bytes()))
+        staged.append(fused)
+    return staged
+
+
+def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking):
+    given = name
+    _, comm, eng, seq, name = _begin(process_set, "grouped_allreduce", name)
+    tensors = list(tensors)
+    host = bool(tensors) and set(map(type, tensors)) <= {numpy.ndarray}
+    key = _grouped_key(comm, tensors, op, given, prescale_factor, postscale_factor, inplace) if host else None
+    plan = eng.plans.get(key) if key is not None else None
+    if plan is None or (inplace and not all(map(_WRITEABLE, tensors))):
+        plan = None
+        op = as_op(op)
+        tensors, dtypes = _grouped_arrays(tensors, name, inplace)
+        for dtype in dict.fromkeys(dtypes):
+            check_reduction(op, dtype, f"grouped_allreduce of tensor {name}[{dtypes.index(dtype)}]",
+                            prescale_factor != 1 or postscale_factor != 1)
+        buffers = _grouped_layout(tensors, dtypes, op)
+    else:
+        buffers = plan.buffers
+    xp = numpy if host or set(map(type, tensors)) <= {numpy.ndarray} else get_array_module(*tensors)
+    staged = _grouped_stage(buffers, tensors, xp, inplace)
+    for s in staged:
+        scale(s.host, prescale_factor)
+    if plan is None:
+        plan = _GroupedPlan()
+        plan.buffers = buffers
+        plan.average = op is Average
+        plan.post = postscale_factor / comm.Get_size() if plan.average else postscale_factor
+        plan.paths = tuple(_path(s.host, comm, op, True) for s in staged)
+        names = {dtype: dtype_name(dtype) for dtype in dict.fromkeys(dtypes)}
+        plan.signature = _signature(
+            eng, "grouped_allreduce", given, ("op", op.name),
+            ("tensors", tuple(zip(map(names.__getitem__, dtypes), map(_SHAPE, tensors)))),
+            ("buffers", tuple((names[dtype], unpack[-1][2]) for dtype, _, unpack, _ in buffers)),
+            ("path", plan.paths), ("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor),
+            ("piece bytes", _buffers.piece_bytes()))
+        plan.fingerprint = check.fingerprint(plan.signature)
+        if key is not None:
+            if len(eng.plans) > 1024:
+                eng.plans.clear()
+            eng.plans[key] = plan
+    post, ufunc = plan.post, as_op(op).ufunc
 
     def body(joined):
         nonlocal post
-        if joined and op is Average:
+        if joined and plan.average:
             post = average_factor(postscale_factor, comm.Get_size(), joined)
-        return [_reduce(comm, path, None, flat(staged.host), mpi_op(op, dtype), op.ufunc, post, seq)
-                for (dtype, _, _, staged), path in zip(buffers, paths)]
+        return [_reduce(comm, path, None, flat(s.host), mop, ufunc, post, seq)
+                for (_, mop, _, _), s, path in zip(buffers, staged, plan.paths)]
 
     def finish(scaled):
-        out = [None] * len(tensors)
-        for (dtype, idx, ends, staged), done in zip(buffers, scaled):
-            result = staged.finish()
+        out = list(tensors) if inplace else [None] * len(tensors)
+        for (_, _, unpack, _), s, done in zip(buffers, staged, scaled):
+            result = s.finish()
             if not done:
                 scale(result, post)
-            if result is tensors[idx[0]]:  # reduced in the caller's own tensor
-                out[idx[0]] = result
+            if result is tensors[unpack[0][0]]:  # a big tensor reduced in the caller's own memory
                 continue
             result = flat(result)
-            members = [tensors[i] for i in idx]
-            views = [result[a:b] for a, b in zip([0] + ends, ends)]
-            shaped = [v if v.shape == s else v.reshape(s) for v, s in zip(views, map(_SHAPE, members))]
             if inplace:
-                for t, v in zip(members, shaped):
-                    t[...] = v
-            for i, t, v in zip(idx, members, shaped):
-                out[i] = t if inplace else v
+                for i, a, b, shape in unpack:
+                    tensors[i][...] = result[a:b] if shape is None else result[a:b].reshape(shape)
+            else:
+                for i, a, b, shape in unpack:
+                    out[i] = result[a:b] if shape is None else result[a:b].reshape(shape)
         return out
 
-    return _launch(eng, blocking, _job(comm, "grouped_allreduce", name, signature, seq, body), name, seq,
-                   finish, _release(*(fused for *_, fused in buffers)))
+    return _launch(eng, blocking, _job(comm, "grouped_allreduce", name, plan.signature, seq, body,
+                                       known=plan.fingerprint), name, seq, finish, _release(*staged))
 
 
 def grouped_allreduce(tensors, op=Average, name=None, prescale_factor=1.0, postscale_factor=1.0,

@@ -250,3 +250,34 @@ def test_blocking_short_path_behind_queued_work_and_in_a_timeline(rank, size, in
         assert fn(small.copy(), op=mpidp.Sum, name="behind").tolist() == [total] * 3
     finally:
         timeline.stop()
+
+
+@pytest.mark.parametrize("field", ["tensors", "op", "postscale_factor"])
+def test_grouped_plan_then_one_rank_changes_the_call(rank, size, field):
+    """A grouped call repeated through its kept plan, then changed on rank 1 only (a shape, the op, a
+    factor): MismatchError on every rank, naming the field; the next collective works."""
+    if size < 2:
+        pytest.skip("needs two ranks")
+    xs = [numpy.full(s, rank + 1.0, numpy.float32) for s in [(4,), (2, 3), ()]]
+    for _ in range(3):
+        out = mpidp.grouped_allreduce(xs, op=mpidp.Sum, name=f"gp.{field}")
+        assert [o.tolist() for o in out] == [numpy.full(x.shape, size * (size + 1) / 2).tolist() for x in xs]
+    kwargs = {"op": mpidp.Sum}
+    if rank == 1:
+        if field == "tensors":
+            xs[1] = numpy.ones((3, 2), numpy.float32)
+        elif field == "op":
+            kwargs["op"] = mpidp.Max
+        else:
+            kwargs["postscale_factor"] = 2.0
+    _expect_mismatch(lambda: mpidp.grouped_allreduce(xs, name=f"gp.{field}", **kwargs), field)
+
+
+def test_grouped_plan_then_a_read_only_tensor_is_refused_before_any_communication(rank, size):
+    xs = [numpy.ones(3), numpy.ones(2)]
+    for _ in range(2):
+        mpidp.grouped_allreduce_(xs, op=mpidp.Sum, name="gro")
+    xs[1].flags.writeable = False
+    with pytest.raises(ValueError, match=r"gro\[1\]"):
+        mpidp.grouped_allreduce_(xs, op=mpidp.Sum, name="gro")
+    assert mpidp.allreduce(numpy.ones(2), op=mpidp.Sum).tolist() == [size] * 2  # nothing was started
