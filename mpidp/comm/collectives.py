@@ -13,6 +13,7 @@ with its traceback (``_fatal``).
 import functools
 import itertools
 import math
+import numbers
 import operator
 
 import numpy
@@ -79,6 +80,16 @@ def _job(comm, kind, name, signature, seq, body, carry=None, carried=None, known
         except BaseException as exc:
             _fatal.after_agreement(comm, f"{kind} of tensor {name!r}", exc)
     return run
+
+
+def _arguments(what, name, prescale_factor, postscale_factor):
+    """Refuse a name or a factor of the wrong type (before any communication)."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"{what}: name must be a str or None, not {type(name).__name__} {name!r}")
+    for field, factor in (("prescale_factor", prescale_factor), ("postscale_factor", postscale_factor)):
+        if not isinstance(factor, numbers.Real):
+            raise TypeError(f"{what} of tensor {name!r}: {field} must be a real number, not "
+                            f"{type(factor).__name__} {factor!r}")
 
 
 def _writable(x, name, what):
@@ -246,7 +257,10 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
     if process_set is not None or comm is None or comm is not runtime._state.comm:
         _, comm = resolve(process_set)
         eng = engine_for(comm)
-    plan = eng.plans.get(_plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace))
+    try:
+        plan = eng.plans.get(_plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace))
+    except TypeError:  # an unhashable argument: the general path says what is wrong with it
+        plan = None
     flags = x.flags
     if plan is None or not flags.c_contiguous or (inplace and not flags.writeable):
         return _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
@@ -271,6 +285,7 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
 def _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking, wake):
     given, asked = name, op
     op = as_op(op)
+    _arguments("allreduce", name, prescale_factor, postscale_factor)
     _, comm, eng, seq, name = _begin(process_set, "allreduce", name)
     key = None if type(x) is not numpy.ndarray else _plan_key(comm, x, asked, given, prescale_factor,
                                                               postscale_factor, inplace)
@@ -454,10 +469,14 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
     tensors = list(tensors)
     host = bool(tensors) and set(map(type, tensors)) <= {numpy.ndarray}
     key = _grouped_key(comm, tensors, op, given, prescale_factor, postscale_factor, inplace) if host else None
-    plan = eng.plans.get(key) if key is not None else None
+    try:
+        plan = eng.plans.get(key) if key is not None else None
+    except TypeError:  # an unhashable argument: said below
+        plan = key = None
     if plan is None or (inplace and not all(map(_WRITEABLE, tensors))):
         plan = None
         op = as_op(op)
+        _arguments("grouped_allreduce", given, prescale_factor, postscale_factor)
         tensors, dtypes = _grouped_arrays(tensors, name, inplace)
         for dtype in dict.fromkeys(dtypes):
             check_reduction(op, dtype, f"grouped_allreduce of tensor {name}[{dtypes.index(dtype)}]",

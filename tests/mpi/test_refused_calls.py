@@ -33,3 +33,20 @@ def test_a_refused_retry_pairs_with_the_others_call(rank, size):
         x = x.copy()
     mpidp.allreduce_(x, op=mpidp.Sum, name="retried")
     numpy.testing.assert_allclose(x, numpy.full(4, size * (size + 1) / 2))
+
+
+@pytest.mark.parametrize("call", ["allreduce", "allreduce_", "allreduce_async", "grouped_allreduce"])
+@pytest.mark.parametrize("bad", ["name", "op", "prescale_factor", "postscale_factor"])
+def test_an_unhashable_argument_is_a_clear_error_that_takes_no_number(rank, size, call, bad):
+    """A name, op or factor of the wrong type (a list, an array) was a bare "unhashable type" from
+    the plan cache's lookup; it is refused with what was wrong, before any communication."""
+    x = numpy.full(3, rank + 1.0)
+    kwargs = {"op": mpidp.Sum, "name": "fine"}
+    kwargs[bad] = {"name": ["loss"], "op": ["sum"], "prescale_factor": numpy.array([2.0]),
+                   "postscale_factor": [0.5]}[bad]
+    fn = getattr(mpidp, call)
+    with pytest.raises((TypeError, ValueError), match=bad.replace("_factor", "") if bad != "op" else "op"):
+        for _ in range(2):  # the second call would find a plan
+            fn([x] if call.startswith("grouped") else x, **kwargs)
+    got = mpidp.allreduce(numpy.full(3, rank + 1.0), op=mpidp.Sum)
+    numpy.testing.assert_allclose(got, numpy.full(3, size * (size + 1) / 2))
