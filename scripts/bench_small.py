@@ -17,7 +17,7 @@ import numpy
 from mpi4py import MPI
 
 import mpidp
-from mpidp.comm import collectives
+from mpidp.comm import check
 
 
 def main(argv=None):
@@ -31,10 +31,10 @@ def main(argv=None):
     x = numpy.ones(max(1, args.bytes // 4), numpy.float32)
     out = numpy.empty_like(x)
 
-    def off():
-        collectives.set_check(False)
+    def off():  # (check.set_enabled: this rank's switch alone, the same on every rank here;
+        check.set_enabled(False)  # the public set_check is itself a collective)
         mpidp.allreduce(x, op=mpidp.Sum, name="small")
-        collectives.set_check(True)
+        check.set_enabled(True)
 
     variants = {
         "raw comm.Allreduce": lambda: comm.Allreduce(x, out, op=MPI.SUM),

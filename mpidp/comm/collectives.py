@@ -32,7 +32,11 @@ from .ops import HALF, Average, Sum, as_op, check_dtype, check_reduction, dtype_
 from .process_set import resolve
 
 def set_check(enabled):
-    """Turn the cross-rank mismatch check on or off (every rank alike); returns the old setting."""
+    """Turn the cross-rank mismatch check on or off, on every rank: a collective (each rank calls it,
+    with the same value, or all raise MismatchError); returns the old setting."""
+    if runtime.is_initialized():  # a rank without the check would meet the others' in another call: a hang
+        check.agree(runtime.get_comm(), "set_check", "set_check", (("enabled", bool(enabled)),),
+                    "call set_check() on every rank, with the same value")
     return check.set_enabled(enabled)
 
 

@@ -59,7 +59,16 @@ def init(comm=None, process_sets=None):
     _state.comm = base.Dup()  # our traffic never matches the user's own messages
     _state.local_comm = _state.comm.Split_type(MPI.COMM_TYPE_SHARED, key=_state.comm.Get_rank())
     _state.cross_comm = _state.comm.Split(_state.local_comm.Get_rank(), _state.comm.Get_rank())
-    _state.homogeneous = len(set(_state.comm.allgather(_state.local_comm.Get_size()))) == 1
+    from . import check
+    rows = _state.comm.allgather((_state.local_comm.Get_size(), check.is_enabled()))
+    if len({on for _, on in rows}) > 1:  # a rank without the check meets the others' in another call: a hang
+        error = check.mismatch_error("init", [("init", (("MPIDP_CHECK", on),)) for _, on in rows], _state.comm,
+                                     "set MPIDP_CHECK alike on every rank (or unset it everywhere)")
+        for c in (_state.cross_comm, _state.local_comm, _state.comm):
+            c.Free()
+        _state.comm = _state.local_comm = _state.cross_comm = None
+        raise error
+    _state.homogeneous = len({size for size, _ in rows}) == 1
     from ._hierarchical import Topology  # it imports this module
     _state.topology = Topology(_state.comm, _state.local_comm)
     _state.cuda_aware, _state.cuda_aware_how = _cuda_aware.detect()

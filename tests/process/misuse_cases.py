@@ -144,6 +144,13 @@ CASES = [
            "mine = [s for s in sets if s.included()]\n"
            "for s in (mine if r != 1 else mine[::-1]):\n    mpidp.allreduce(numpy.ones(4), process_set=s)\n",
            np=3, rc=0, message=r"finished"),
+    Misuse("check_env_differs", "MPIDP_CHECK=0 on rank 1 only (the check on the others)",
+           "mpidp.allreduce(numpy.ones(4), op=mpidp.Sum, name='loss')\n",
+           pre="import os\nif os.environ.get('PMI_RANK') == '1':\n    os.environ['MPIDP_CHECK'] = '0'\n",
+           rc="nonzero", message=r"MismatchError: .*MPIDP_CHECK.* differs"),
+    Misuse("set_check_differs", "set_check(False) on rank 1 only",
+           "mpidp.comm.set_check(r != 1)\nmpidp.allreduce(numpy.ones(4), op=mpidp.Sum, name='loss')\n",
+           rc="nonzero", message=r"MismatchError: .*set_check.*enabled differs"),
 ]
 
 
