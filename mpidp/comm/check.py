@@ -9,6 +9,7 @@ no MPI call of its own. Above, it is a 16-byte MIN Allreduce, whose cost grows w
 logarithm of the ranks where an allgather's grows with the ranks.
 """
 import hashlib
+import threading
 
 import numpy
 from mpi4py import MPI
@@ -122,11 +123,19 @@ class _Meeting:
         self.bytes = self.rows.view(numpy.uint8)
 
 
+_making = threading.Lock()
+
+
 def meeting(eng):
-    """``eng``'s buffers for the check (made on first use; new ones when it binds a communicator)."""
+    """``eng``'s buffers for the check (made on first use; new ones when it binds a communicator).
+    Made once under a lock: a plan's ``Carrier`` asks for them in the caller's thread while the engine
+    thread may be making them for a queued collective, and views of a second set would stay stale."""
     m = eng.meeting
     if m is None:
-        m = eng.meeting = _Meeting(eng.comm)
+        with _making:
+            m = eng.meeting
+            if m is None:
+                m = eng.meeting = _Meeting(eng.comm)
     return m
 
 
