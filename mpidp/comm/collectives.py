@@ -290,6 +290,7 @@ def _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_s
     given, asked = name, op
     op = as_op(op)
     _arguments("allreduce", name, prescale_factor, postscale_factor)
+    prescale_factor, postscale_factor = float(prescale_factor), float(postscale_factor)  # 1, 1.0: one value
     _, comm, eng, seq, name = _begin(process_set, "allreduce", name)
     key = None if type(x) is not numpy.ndarray else _plan_key(comm, x, asked, given, prescale_factor,
                                                               postscale_factor, inplace)
@@ -481,6 +482,7 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
         plan = None
         op = as_op(op)
         _arguments("grouped_allreduce", given, prescale_factor, postscale_factor)
+        prescale_factor, postscale_factor = float(prescale_factor), float(postscale_factor)
         tensors, dtypes = _grouped_arrays(tensors, name, inplace)
         for dtype in dict.fromkeys(dtypes):
             check_reduction(op, dtype, f"grouped_allreduce of tensor {name}[{dtypes.index(dtype)}]",

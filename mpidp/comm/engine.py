@@ -31,9 +31,9 @@ except ImportError:  # pragma: no cover - other Pythons
     _getsignal = signal.getsignal
 
 _PENDING, _DONE, _FINISHING, _FINISHED = range(4)
-_local = threading.local()
+_local = threading.local()  # .engine / .seq: the job this thread is executing, if any
 _BUSY = object()  # claim(): the engine cannot run a job in this thread now
-_OUTSIDE = (None, 0)  # _enter(): this thread ran no job  # .engine / .seq: the job this thread is executing, if any
+_OUTSIDE = (None, 0)  # _enter(): this thread ran no job
 _MAIN = threading.main_thread().ident
 
 test_delay_s = 0.0

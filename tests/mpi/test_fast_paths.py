@@ -5,7 +5,7 @@ import numpy
 import pytest
 
 import mpidp
-from mpidp.comm import collectives, engine as engine_mod, runtime
+from mpidp.comm import check, collectives, engine as engine_mod, runtime
 
 from conftest import data, tol
 
@@ -281,3 +281,18 @@ def test_grouped_plan_then_a_read_only_tensor_is_refused_before_any_communicatio
     with pytest.raises(ValueError, match=r"gro\[1\]"):
         mpidp.grouped_allreduce_(xs, op=mpidp.Sum, name="gro")
     assert mpidp.allreduce(numpy.ones(2), op=mpidp.Sum).tolist() == [size] * 2  # nothing was started
+
+
+def test_equal_factors_written_differently_agree_across_paths(rank, size):
+    """A factor of 1 (an int) and of 1.0 are one value: a plan made from the int and a rank on the
+    general path with the float checked them as different texts (a spurious MismatchError)."""
+    base = numpy.arange(8, dtype=numpy.float64) + rank
+    want = (numpy.arange(8) * size + size * (size - 1) / 2) * 2
+    for _ in range(2):
+        numpy.testing.assert_allclose(mpidp.allreduce(base[::2].copy(), op=mpidp.Sum, name="f", postscale_factor=2),
+                                      want[::2])
+    x = base[::2] if rank == 0 else base[::2].copy()  # rank 0: not contiguous, the general path
+    if rank == 0:
+        check._known.clear()  # (a fingerprint from the texts, not from a cache that equal values share)
+    numpy.testing.assert_allclose(mpidp.allreduce(x, op=mpidp.Sum, name="f", postscale_factor=numpy.float64(2.0)),
+                                  want[::2])
