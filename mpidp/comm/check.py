@@ -9,6 +9,7 @@ no MPI call of its own. Above, it is a 16-byte MIN Allreduce, whose cost grows w
 logarithm of the ranks where an allgather's grows with the ranks.
 """
 import hashlib
+import numbers
 import threading
 
 import numpy
@@ -51,15 +52,29 @@ _known = {}  # signature -> fingerprint: training repeats the same few signature
 
 
 def fingerprint(signature):
-    """A stable 62-bit integer for a tuple of (field, value) pairs."""
+    """A stable 62-bit integer for a tuple of (field, value) pairs: one for equal signatures, whatever
+    their spelling (2 and 2.0, a NumPy scalar and a Python number), as the cache below must give."""
     h = _known.get(signature)
     if h is None:
-        digest = hashlib.blake2b(repr(signature).encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(repr(_canonical(signature)).encode(), digest_size=8).digest()
         h = int.from_bytes(digest, "little") & _MASK
         if len(_known) > 4096:
             _known.clear()
         _known[signature] = h
     return h
+
+
+def _canonical(value):
+    """``value`` with its numbers spelled one way: equal numbers print alike."""
+    if isinstance(value, tuple):
+        return tuple(map(_canonical, value))
+    if isinstance(value, (numbers.Number, numpy.generic)) and not isinstance(value, str):
+        value = value.item() if isinstance(value, numpy.generic) else value
+        if isinstance(value, (bool, int)):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    return value
 
 
 def agree(comm, collective, name, signature, advice=None):
