@@ -1,7 +1,9 @@
-"""Allreduce on a simulated multi-node cluster: mpidp's hierarchical and flat paths vs MPICH's own algorithms.
+"""Allreduce (or allgather) on a simulated multi-node cluster: mpidp's hierarchical and flat paths vs MPICH's
+own algorithms.
 
     python scripts/bench_hierarchical.py                        # 2x2, 3x1, 2+1 at 2 Gbit/s (root, MPICH)
-    python scripts/bench_hierarchical.py --layouts 2x2 --rate 2gbit --reps 5 --csv out.csv
+    python scripts/bench_hierarchical.py --layouts 2x2 --rate 2gbit --reps 5 --out docs/figures/NAME
+    python scripts/bench_hierarchical.py --collective allgather # sizes: bytes gathered in all
 
 Each layout runs as its own set of jobs in a fresh network namespace (``unshare -n``; only
 127.0.0.0/8 there): Hydra starts node k's ranks as host 127.0.0.(k+2) through a stand-in for
@@ -41,6 +43,9 @@ MPICH_SETTINGS = {
     "recursive_doubling": {"MPIR_CVAR_ALLREDUCE_COMPOSITION": "2",
                            "MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM": "recursive_doubling"},
 }
+# allgather: MPICH 5 has no node-aware composition for it; its flat algorithms
+MPICH_ALLGATHER_SETTINGS = {name: {"MPIR_CVAR_ALLGATHER_INTRA_ALGORITHM": name}
+                            for name in ("brucks", "recursive_doubling", "ring", "recexch_doubling", "recexch_halving")}
 FAKE_SSH = '#!/bin/sh\n# ssh stand-in for Hydra: drop the options and the host, run the command here\n' \
            'while [ $# -gt 0 ]; do case "$1" in -*) shift;; *) shift; break;; esac; done\nexec sh -c "$*"\n'
 
@@ -73,9 +78,11 @@ def worker(args):
         if me == 0:
             print(f"TUNED {json.dumps(chosen)}", flush=True)
     rows = []
-    for size in args.sizes:
-        x = numpy.random.default_rng(me).standard_normal(size // 4).astype(numpy.float32)
-        out = numpy.empty_like(x)
+    gather = args.collective == "allgather"
+    for size in args.sizes:  # (allgather: bytes gathered in all, each rank giving its share)
+        x = numpy.random.default_rng(me).standard_normal(size // 4 // (comm.Get_size() if gather else 1))
+        x = x.astype(numpy.float32)
+        out = numpy.empty(x.size * comm.Get_size() if gather else x.size, numpy.float32)
         times = {mode: [] for mode in ["raw"] + list(paths)}
         for rep in range(args.reps + 1):  # modes interleaved: a burst of load hits them alike
             for mode in times:
@@ -84,9 +91,9 @@ def worker(args):
                 comm.Barrier()
                 t0 = time.perf_counter()
                 if mode == "raw":
-                    comm.Allreduce(x, out)
+                    comm.Allgather(x, out) if gather else comm.Allreduce(x, out)
                 else:
-                    mpidp.allreduce(x, op=mpidp.Sum)
+                    mpidp.allgather(x) if gather else mpidp.allreduce(x, op=mpidp.Sum)
                 times[mode].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
         rows += [{"bytes": size, "mode": mode, "seconds": statistics.median(t[1:])} for mode, t in times.items()]
     if me == 0:
@@ -104,6 +111,7 @@ def in_namespace(args, layout):
             f.write(FAKE_SSH)
         os.chmod(ssh, 0o755)
         inner = [sys.executable, os.path.abspath(__file__), "--jobs", "--layouts", layout, "--reps", str(args.reps),
+                 "--collective", args.collective,
                  "--sizes", ",".join(map(str, args.sizes)), "--fake-ssh", ssh, "--rate", args.rate]
         shaping = (f"ip link set lo up && tc qdisc add dev lo root tbf rate {args.rate} burst 512kb latency 50ms"
                    if args.rate != "none" else "ip link set lo up")
@@ -123,12 +131,14 @@ def jobs(args):
     env = dict(os.environ, MPIR_CVAR_CH4_NETMOD="ofi", FI_PROVIDER="tcp", MPIR_CVAR_ENABLE_HEAVY_YIELD="1",
                MPIDP_HIERARCHICAL="auto", MPIDP_AUTOTUNE_CACHE=os.path.join(os.path.dirname(args.fake_ssh), "none"))
     rows = []
-    for setting, cvars in [("default", {})] + list(MPICH_SETTINGS.items()):
+    settings = MPICH_ALLGATHER_SETTINGS if args.collective == "allgather" else MPICH_SETTINGS
+    for setting, cvars in [("default", {})] + list(settings.items()):
         names = ["MPIR_CVAR_CH4_NETMOD", "FI_PROVIDER", "MPIR_CVAR_ENABLE_HEAVY_YIELD", "PYTHONPATH",
                  "MPIDP_HIERARCHICAL", "MPIDP_AUTOTUNE_CACHE"] + list(cvars)
         cmd = [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-launcher", "ssh", "-launcher-exec",
                args.fake_ssh, "-hosts", hosts, "-n", str(sum(per_node)), "-genvlist", ",".join(names),
-               sys.executable, os.path.abspath(__file__), "--worker", "--reps", str(args.reps),
+               sys.executable, os.path.abspath(__file__), "--worker", "--reps", str(args.reps), "--collective",
+               args.collective,
                "--sizes", ",".join(map(str, args.sizes))] + (["--mpidp"] if setting == "default" else [])
         done = subprocess.run(cmd, env={**env, **cvars, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True,
                               timeout=args.timeout)
@@ -139,7 +149,8 @@ def jobs(args):
         tuned = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("TUNED ")]
         for r in json.loads(found[-1][5:]):
             r["mode"] = f"MPICH {setting}" if r["mode"] == "raw" else r["mode"]
-            rows.append(dict(r, layout=args.layouts, rate=args.rate, **({"tuned_from": tuned[0]} if tuned else {})))
+            rows.append(dict(r, layout=args.layouts, rate=args.rate, collective=args.collective,
+                             **({"tuned_from": tuned[0]} if tuned else {})))
     print(json.dumps(rows))
 
 
@@ -149,7 +160,7 @@ def table(rows):
     for layout in dict.fromkeys(r["layout"] for r in rows):
         mine = [r for r in rows if r["layout"] == layout]
         modes = list(dict.fromkeys(r["mode"] for r in mine))
-        out.append(f"\nlayout {layout}, inter-node link: tc tbf rate {mine[0]['rate']} on the namespace's "
+        out.append(f"\n{mine[0].get('collective', 'allreduce')}, layout {layout}, inter-node link: tc tbf rate {mine[0]['rate']} on the namespace's "
                    f"loopback (both directions share it); milliseconds, median over reps of the slowest rank")
         tuned = [r["tuned_from"] for r in mine if "tuned_from" in r]
         if tuned:
@@ -174,6 +185,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layouts", default="2x2,3x1,2+1", help="comma-separated: NxR (N nodes of R ranks) or A+B+...")
     ap.add_argument("--rate", default="2gbit", help="tc rate of the inter-node link, or 'none'")
+    ap.add_argument("--collective", choices=["allreduce", "allgather"], default="allreduce")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="message sizes in bytes")
     ap.add_argument("--out", default="", help="write STEM.csv, STEM.md (the tables) and STEM.png "
@@ -199,15 +211,15 @@ def main():
         print("\n".join(part), flush=True)
     if args.out:
         with open(args.out + ".csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["layout", "rate", "bytes", "mode", "seconds", "tuned_from"])
+            w = csv.DictWriter(f, fieldnames=["collective", "layout", "rate", "bytes", "mode", "seconds", "tuned_from"])
             w.writeheader()
             w.writerows(rows)
         with open(args.out + ".md", "w") as f:
             f.write("\n".join(lines).lstrip() + "\n")
-        plot(args.out + ".png", rows)
+        plot(args.out + ".png", rows, args.collective)
 
 
-def plot(path, rows):
+def plot(path, rows, collective="allreduce"):
     """One panel per layout: each program's time over MPICH's default at each size (below 1: faster)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import _benchutil as bu
@@ -223,7 +235,7 @@ def plot(path, rows):
                      {"linestyle": "--", "alpha": 0.6} if mode != "MPICH default" else {"color": "black", "marker": "x"})
             lines.append((mode, [p[0] for p in pts], [p[1] for p in pts], style))
         panels.append((f"{layout}: time / MPICH default", lines))
-    bu.plot(path, panels, title=f"allreduce (float32) on a simulated cluster, MPICH OFI/TCP, inter-node link "
+    bu.plot(path, panels, title=f"{collective} (float32) on a simulated cluster, MPICH OFI/TCP, inter-node link "
                                 f"tc tbf {rows[0]['rate']} shared by both directions; below 1: faster than MPICH's default")
 
 

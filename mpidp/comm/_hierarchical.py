@@ -86,6 +86,11 @@ class Topology:
         return (self.from_bytes is not None and isinstance(buf, numpy.ndarray) and buf.nbytes >= self.from_bytes
                 and buf.nbytes >= self.channels * buf.itemsize)
 
+    def gathers(self):
+        """The crossover (bytes gathered in all) of the hierarchical allgather, or None where it has none:
+        it needs an even layout (every node with the same ranks) of several nodes with several ranks."""
+        return self.from_bytes if self.even and self.nodes > 1 and self.channels > 1 else None
+
     def set_from(self, nbytes):
         """Take the hierarchical path from ``nbytes`` on (every rank alike; None: never); returns the old value.
 
@@ -219,3 +224,43 @@ def reduce_scatter(topo, send, recv, counts, mpi_op, ufunc=None):
         pool.release(raw)
         pool.release(raw_mine)
     return False
+
+
+def allgatherv(comm, topo, send, out, counts, displs, datatype):
+    """Allgatherv 1-D ``send`` into ``out`` (rank r's ``counts[r]`` elements at ``displs[r]``) over ``comm``:
+    through the nodes where ``topo`` (``comm``'s topology, or None) gathers this many bytes in all
+    (a function of the gathered counts and the checked crossover, so every rank goes the same way),
+    else MPI's own Allgatherv.
+
+    Through the nodes, each rank's block goes to the ranks with its local rank on every other node
+    (its channel: every rank of a node drives the links at once), and each node allgathers what its
+    ranks received over shared memory. Across the link each node sends its own blocks once, where a
+    flat ring sends (ranks - 1) / ranks of everything across each link it crosses. The blocks go in
+    pieces, pipelined: while piece k + 1 crosses the network (a nonblocking Iallgatherv), the nodes
+    share piece k, and MPI's progress inside those blocking calls keeps piece k + 1 moving."""
+    start = topo.gathers() if topo is not None else None
+    if start is None or out.nbytes < start:
+        comm.Allgatherv([send, datatype], [out, counts, displs, datatype])
+        return
+    me, j = comm.Get_rank(), topo.local.Get_rank()
+    counts, displs = [int(c) for c in counts], [int(d) for d in displs]
+    out[displs[me]:displs[me] + counts[me]] = send
+    channel = [topo.rank_of[i][j] for i in range(topo.nodes)]  # the channel's ranks, in node order
+    step = max(1, SHARE_BYTES // out.itemsize)  # elements of each rank's block per piece
+
+    def pieces(ranks, k):  # (counts, displs) of piece k of each of ``ranks``' blocks
+        lo = [min(counts[r], k * step) for r in ranks]
+        return ([min(counts[r], k * step + step) - a for r, a in zip(ranks, lo)],
+                [displs[r] + a for r, a in zip(ranks, lo)])
+
+    def across(k):
+        return topo.channel_comms[0].Iallgatherv(MPI.IN_PLACE, [out, *pieces(channel, k), datatype])
+
+    steps = max(1, -(-max(counts) // step))
+    pending = across(0)
+    for k in range(steps):
+        following = across(k + 1) if k + 1 < steps else None
+        pending.Wait()
+        for node in topo.rank_of:  # each rank holds piece k of its local rank's block on every node: share
+            topo.local.Allgatherv(MPI.IN_PLACE, [out, *pieces(node, k), datatype])
+        pending = following

@@ -17,9 +17,9 @@ from mpi4py.util import pkl5
 
 from ..errors import MpidpError
 from . import _buffers, _fatal, check
-from ._buffers import allreduce_pieces, bcast_pieces, spec
+from ._buffers import allreduce_pieces, bcast_pieces
 from .engine import engine_for
-from .ops import Average, HALF, as_op, mpi_op
+from .ops import Average, HALF, as_op, mpi_op, mpi_type
 from .process_set import resolve
 
 SENTINEL = -1  # real fingerprints are in [0, 2**62): every other rank sees a mismatch
@@ -173,7 +173,9 @@ def _allgather(comm, fields, joined):
     displs = numpy.concatenate(([0], numpy.cumsum(counts)[:-1]))
     raw, out = _scratch(dtype, int(counts.sum()))
     try:
-        comm.Allgatherv(spec(numpy.empty(0, dtype=dtype)), spec(out, counts, displs))
+        from . import _hierarchical, runtime
+        _hierarchical.allgatherv(comm, runtime.topology(comm), numpy.empty(0, dtype=dtype), out, counts, displs,
+                                 mpi_type(dtype))
     finally:
         _buffers.pool.release(raw)
 

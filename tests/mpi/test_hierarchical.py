@@ -2,6 +2,7 @@
 against NumPy, and bit-identical on every rank."""
 import numpy
 import pytest
+from mpi4py import MPI
 
 import mpidp
 from mpidp.comm import _buffers, _hierarchical, engine as engine_mod, runtime
@@ -185,6 +186,70 @@ def test_path_is_checked(hooked):
     hooked.set_from(0)
     numpy.testing.assert_array_equal(mpidp.allreduce(numpy.ones(4096, numpy.float32), op=mpidp.Sum),
                                      numpy.full(4096, comm.Get_size(), numpy.float32))
+
+
+@pytest.mark.parametrize("rows", ["equal", "uneven", "some empty"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int64", "complex128"])
+def test_allgather_goes_through_the_nodes_on_even_layouts(hooked, rows, dtype):
+    """Every rank's rows in rank order, whatever the placement (blocks or round robin), row counts
+    that differ per rank, and ranks with none; uneven layouts gather flat."""
+    comm = hooked.comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    assert hooked.gathers() == (0 if hooked.even else None)
+    count = {"equal": [3] * size, "uneven": [2 * r + 1 for r in range(size)],
+             "some empty": [0 if r % 2 else r + 4 for r in range(size)]}[rows]
+    arrays = [data((count[r], 5), dtype, 13 * r + 3) for r in range(size)]
+    for _ in range(2):  # the second time through the cached fingerprint
+        got = mpidp.allgather(arrays[rank], name=f"hg.{rows}.{dtype}")
+        numpy.testing.assert_array_equal(got, numpy.concatenate(arrays))
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["", "rank1 empty"])
+def test_allgather_through_the_nodes_matches_the_flat_one_bit_for_bit(topo, piece, empty):
+    """The path itself on every layout (even ones through the nodes, the others MPI's own), in one
+    piece or many (blocks of up to 4,200 float64, pieces of 4 KiB: 9 of them, uneven)."""
+    comm = topo.comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    counts = numpy.array([(r * 7919) % 13 + 1 for r in range(size)], dtype=numpy.int64) * 300
+    if empty and size > 1:
+        counts[1] = 0
+    displs = numpy.concatenate(([0], numpy.cumsum(counts)[:-1]))
+    send = data((int(counts[rank]),), "float64", rank + 1)
+    old = topo.from_bytes
+    try:
+        for start in (0, None):
+            topo.from_bytes = start
+            out = numpy.full(int(counts.sum()), numpy.nan)
+            _hierarchical.allgatherv(comm, topo, send, out, counts, displs, MPI.DOUBLE)
+            want = numpy.concatenate([data((int(counts[r]),), "float64", r + 1) for r in range(size)])
+            numpy.testing.assert_array_equal(out, want)
+    finally:
+        topo.from_bytes = old
+
+
+def test_allgather_crossover_is_checked(hooked):
+    comm = hooked.comm
+    hooked.set_from(0 if comm.Get_rank() == 0 else None)
+    if hooked.even:
+        with pytest.raises(mpidp.MismatchError, match="hierarchical from"):
+            mpidp.allgather(numpy.ones((2, 64)), name="rows")
+    else:  # uneven layouts gather flat whatever the crossover
+        assert mpidp.allgather(numpy.ones((2, 64)), name="rows").shape == (2 * comm.Get_size(), 64)
+    hooked.set_from(0)
+    assert mpidp.allgather(numpy.ones((2, 64)), name="rows").shape == (2 * comm.Get_size(), 64)
+
+
+def test_joined_rank_takes_part_in_a_hierarchical_allgather(hooked):
+    comm = hooked.comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if rank == size - 1:
+        mpidp.join()
+        return
+    x = numpy.full((rank + 1, 40), float(rank))
+    got = mpidp.allgather(x, name="after join")
+    numpy.testing.assert_array_equal(got, numpy.concatenate([numpy.full((r + 1, 40), float(r))
+                                                             for r in range(size - 1)]))
+    mpidp.join()
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
