@@ -102,9 +102,13 @@ def test_allreduce_in_pieces(rank, size, piece, dtype):
 def test_ring_path_is_checked(rank, size):
     """A rank whose allreduce would take another path (the ring here, MPI Allreduce there)
     raises MismatchError on every rank instead of hanging; the next allreduce works."""
-    from mpidp.comm import _buffers
+    from mpidp.comm import _buffers, runtime
     if size == 1:
         pytest.skip("needs two ranks")
+    topo = runtime.topology(runtime.get_comm())
+    if topo is not None and topo.from_bytes is not None:  # (a simulated cluster)
+        pytest.skip("on several nodes a host message takes MPI's own allreduce or the hierarchical path, "
+                    "never the flat ring whose threshold this test makes differ per rank")
     old = _buffers.RING_FROM
     _buffers.RING_FROM = 1 if rank == 0 else 1 << 40  # as if rank 0 held host memory, the rest device memory
     try:
@@ -260,8 +264,11 @@ def test_process_set(rank, size):
 def test_runtime_queries(rank, size):
     assert mpidp.is_initialized()
     assert 0 <= mpidp.local_rank() < mpidp.local_size() <= size
-    assert mpidp.cross_size() * mpidp.local_size() == size  # one node here
-    assert mpidp.cross_rank() == 0
+    if mpidp.is_homogeneous():  # even layouts (one host, or a simulated NxR); 2+1 is not
+        assert mpidp.cross_size() * mpidp.local_size() == size
+    assert 0 <= mpidp.cross_rank() < mpidp.cross_size()
+    places = mpidp.allgather_object((mpidp.local_rank(), mpidp.cross_rank()))
+    assert len(set(places)) == size  # each rank its own (local rank, node) place
     assert mpidp.mpi_threads_supported() in (True, False)
     aware, how = mpidp.cuda_aware(verbose=True)
     assert aware in (True, False) and how

@@ -50,7 +50,9 @@ def test_repeated_allreduce_matches_numpy(rank, size, shape, dtype, op, ufunc, i
 def test_plan_is_kept_and_used(size):
     x = numpy.arange(4, dtype=numpy.float32)
     mpidp.allreduce(x, op=mpidp.Sum, name="kept")
-    assert any(key[3] == "kept" for key in _plans())
+    topo = runtime.topology(runtime.get_comm())
+    hierarchical = topo is not None and topo.uses(x)  # (MPIDP_HIERARCHICAL=on on many nodes: no plan)
+    assert any(key[3] == "kept" for key in _plans()) != hierarchical
     for _ in range(3):
         assert mpidp.allreduce(x, op=mpidp.Sum, name="kept").tolist() == (x * size).tolist()
 

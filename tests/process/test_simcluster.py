@@ -150,3 +150,19 @@ def test_the_pytest_plugin_runs_a_file_on_simulated_clusters(tmp_path):
     assert "failed on ranks 2,3 of 4" in out and "failed on rank 2 of 3" in out
     assert "planted failure on simulated node 1" in out
     assert (tmp_path / ".mpidp-pytest" / "nodes2p1" / "rank-2.log").exists()
+
+
+@needs_shaping
+@pytest.mark.parametrize("layout,hierarchical", [("2x2", "on"), ("2+1", "auto")])
+def test_the_collective_tests_pass_on_a_simulated_cluster(tmp_path, layout, hierarchical):
+    """The collective test files themselves (values against NumPy, mismatches, join, the short paths)
+    on simulated nodes over TCP: on 2x2 with every message through the nodes (MPIDP_HIERARCHICAL=on),
+    on 2+1 as a job gets it."""
+    files = ["tests/mpi/test_collectives.py", "tests/mpi/test_hierarchical.py", "tests/mpi/test_join.py",
+             "tests/mpi/test_carried_check.py", "tests/mpi/test_fast_paths.py"]
+    rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", sys.executable, "-m", "pytest",
+                               "-q", "-p", "mpidp.testing", "--mpidp", "-p", "no:cacheprovider",
+                               "--rootdir", tmp_path, *files, timeout=300,
+                               env=dict(QUIET, MPIDP_HIERARCHICAL=hierarchical))
+    assert rc == 0, f"{out[-4000:]}\n{err[-2000:]}"
+    assert " passed" in out and "failed" not in out, out[-2000:]
