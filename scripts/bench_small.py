@@ -7,7 +7,9 @@ exchanges, so the engine thread is alive while they run. Each round times ``--ca
 each variant in turn: raw ``comm.Allreduce``, mpidp ``allreduce`` with the check on and off,
 ``allreduce_``, and an ``allreduce_async`` + ``synchronize`` round trip (float32, op Sum). Each
 round's time is the slowest rank's. Rank 0 prints the median over rounds per variant and its
-ratio to raw.
+ratio to raw. Two floors run alongside: the least any Python layer over mpi4py must do (a call, a
+result array, the MPI call; with the check on, the check's Allgather carrying the payload, the
+fingerprints compared and the rows reduced with MPI's op).
 """
 import argparse
 import statistics
@@ -31,26 +33,52 @@ def main(argv=None):
     x = numpy.ones(max(1, args.bytes // 4), numpy.float32)
     out = numpy.empty_like(x)
 
-    def off():  # (check.set_enabled: this rank's switch alone, the same on every rank here;
-        check.set_enabled(False)  # the public set_check is itself a collective)
-        mpidp.allreduce(x, op=mpidp.Sum, name="small")
-        check.set_enabled(True)
+    # The floors: what any Python layer must do at least (a call, a result array, the MPI call(s)), so
+    # that what is left over is mpidp's own. With the check on: the check's Allgather carrying the
+    # payload, the fingerprints compared, the rows reduced in rank order with MPI's op.
+    n = comm.size
+    row, rows = numpy.zeros(16, numpy.int64), numpy.zeros((n, 16), numpy.int64)
+    mine = row.view(numpy.uint8)[8:8 + x.nbytes].view(x.dtype)
+    theirs = [rows[r].view(numpy.uint8)[8:8 + x.nbytes].view(x.dtype) for r in range(n)]
 
+    def floor_off(x):
+        result = numpy.empty(x.shape, x.dtype)
+        comm.Allreduce(x, result, op=MPI.SUM)
+        return result
+
+    def floor_on(x):
+        row[0] = 12345
+        mine[...] = x
+        comm.Allgather(row, rows)
+        if rows[:, 0].tolist().count(12345) != n:
+            raise RuntimeError("fingerprints differ")
+        result = theirs[0].copy()
+        for r in theirs[1:]:
+            MPI.SUM.Reduce_local(r, result)
+        return result
+
+    # name -> (call, check on): check.set_enabled is this rank's switch alone, flipped on every rank
+    # between variants (the public set_check is itself a collective)
     variants = {
-        "raw comm.Allreduce": lambda: comm.Allreduce(x, out, op=MPI.SUM),
-        "allreduce": lambda: mpidp.allreduce(x, op=mpidp.Sum, name="small"),
-        "allreduce, check off": off,
-        "allreduce_": lambda: mpidp.allreduce_(x, op=mpidp.Sum, name="small_"),
-        "async + synchronize": lambda: mpidp.synchronize(mpidp.allreduce_async(x, op=mpidp.Sum, name="async")),
+        "raw comm.Allreduce": (lambda: comm.Allreduce(x, out, op=MPI.SUM), True),
+        "floor, check off": (lambda: floor_off(x), True),
+        "floor, check on": (lambda: floor_on(x), True),
+        "allreduce": (lambda: mpidp.allreduce(x, op=mpidp.Sum, name="small"), True),
+        "allreduce, check off": (lambda: mpidp.allreduce(x, op=mpidp.Sum, name="small"), False),
+        "allreduce_": (lambda: mpidp.allreduce_(x, op=mpidp.Sum, name="small_"), True),
+        "async + synchronize": (lambda: mpidp.synchronize(mpidp.allreduce_async(x, op=mpidp.Sum, name="async")),
+                                True),
     }
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
-        for k, fn in variants.items():
+        for k, (fn, on) in variants.items():
+            check.set_enabled(on)
             comm.Barrier()
             t0 = time.perf_counter()
             for _ in range(args.calls):
                 fn()
             times[k].append(comm.allreduce((time.perf_counter() - t0) / args.calls * 1e6, op=MPI.MAX))
+    check.set_enabled(True)
     if comm.rank == 0:
         raw = statistics.median(times["raw comm.Allreduce"])
         print(f"{x.nbytes} B float32, op Sum, np={comm.size}: median over {args.rounds} rounds of {args.calls} calls")
