@@ -174,7 +174,7 @@ def _plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace):
     """What a plan depends on: the call's fields, the piece size, and the topology and its
     hierarchical crossover (``tune.hierarchical()`` moves it: a plan made before must not keep
     the old path)."""
-    topo = runtime._state.topology if comm is runtime._state.comm else None
+    topo = runtime._state.topology if comm is runtime._state.comm else runtime.topology(comm)
     return (x.dtype, x.shape, op, name, prescale_factor, postscale_factor, inplace, _buffers._piece,
             topo, None if topo is None else topo.from_bytes)
 

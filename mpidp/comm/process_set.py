@@ -28,7 +28,12 @@ class ProcessSet:
 
         def create():
             check.agree(world, "ProcessSet", "process_set", (("ranks", tuple(ranks)),))
-            return world.Create(world.Get_group().Incl(ranks))
+            comm = world.Create(world.Get_group().Incl(ranks))
+            if comm != MPI.COMM_NULL:  # its nodes, for the hierarchical collectives (collective over the set)
+                from ._hierarchical import Topology
+                runtime._set_topologies[id(comm)] = Topology(
+                    comm, comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank()))
+            return comm
 
         comm = runtime._in_order(create, f"ProcessSet({ranks})")  # behind the queued collectives
         self.comm = None if comm == MPI.COMM_NULL else comm
@@ -101,10 +106,19 @@ def resolve(process_set):
     return process_set, process_set._member()
 
 
+def _free(comm):
+    """Free a set's communicator and its topology's."""
+    topo = runtime._set_topologies.pop(id(comm), None)
+    if topo is not None:
+        topo.free()
+        topo.local.Free()
+    comm.Free()
+
+
 def _free_all():
     for ps in _created:
         if ps.comm is not None:
-            ps.comm.Free()
+            _free(ps.comm)
         ps.comm, ps.process_set_id = None, None
     _created.clear()
 
@@ -139,7 +153,7 @@ def remove_process_set(process_set):
         check.agree(world, "remove_process_set", "process_set", (("ranks", tuple(process_set.ranks)),))
         if process_set.comm is not None:
             release(process_set.comm)  # what is queued on the set runs first; its engine ends
-            process_set.comm.Free()
+            _free(process_set.comm)
 
     runtime._in_order(free, f"remove_process_set({process_set.ranks})")
     process_set.comm, process_set.process_set_id = None, None

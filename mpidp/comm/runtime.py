@@ -281,9 +281,16 @@ def cross_size():
     return _state.cross_comm.Get_size()
 
 
+_set_topologies = {}  # id(comm) -> the Topology of a process set's communicator (process_set.py keeps it)
+
+
 def topology(comm):
-    """The hierarchical allreduce's Topology of ``comm`` when it is mpidp's communicator, else None."""
-    return _state.topology if comm is _state.comm else None
+    """The Topology of ``comm`` (mpidp's communicator or a process set's) for the hierarchical
+    collectives, else None."""
+    if comm is _state.comm:
+        return _state.topology
+    topo = _set_topologies.get(id(comm))
+    return topo if topo is not None and topo.comm is comm else None
 
 
 def mpi_threads_supported():

@@ -5,7 +5,7 @@ import pytest
 from mpi4py import MPI
 
 import mpidp
-from mpidp.comm import _buffers, _hierarchical, engine as engine_mod, runtime
+from mpidp.comm import _buffers, _hierarchical, collectives, engine as engine_mod, runtime
 from mpidp.comm.ops import as_op, mpi_op
 
 from conftest import FLOATS, data, tol
@@ -368,3 +368,43 @@ def test_cached_plan_follows_a_new_crossover(hooked, monkeypatch):
         engine_mod.engine_for(runtime.get_comm()).plans.clear()
     numpy.testing.assert_array_equal(mpidp.allreduce(x, op=mpidp.Sum, name="moved"), want)
     assert calls == [1], "the cached plan kept the old path"
+
+
+def test_a_process_set_knows_its_nodes_and_goes_through_them():
+    """A process set spanning nodes has its own topology (the job's nodes, restricted to the set) and
+    its allreduce, allgather and reducescatter go through the nodes as the job's do; on one host it
+    has one node. Run on a simulated 3x2 (mpidprun --simulate-nodes 3x2) the set of the first two
+    nodes is an even 2x2."""
+    comm = runtime.get_comm()
+    size = comm.Get_size()
+    if size < 3:
+        pytest.skip("needs three ranks")
+    world = runtime.topology(comm)
+    members = sorted(world.rank_of[0] + world.rank_of[1]) if world.nodes >= 3 else list(range(size - 1))
+    ps = mpidp.add_process_set(members)
+    try:
+        if not ps.included():
+            return
+        topo = runtime.topology(ps.comm)
+        assert topo is not None and topo.comm is ps.comm
+        want = sorted(k for k in (sum(r in members for r in node) for node in world.rank_of) if k)
+        assert sorted(topo.node_sizes) == want
+        n, me = len(members), ps.rank()
+        through = topo.nodes > 1 and topo.channels > 1
+        old = topo.set_from(0) if through else None
+        try:
+            arrays = [data((1031,), "float64", 3 * r + 1) for r in range(n)]
+            x = arrays[me]
+            assert collectives._path(x, ps.comm, as_op(mpidp.Sum)).startswith("hierarchical") == through
+            numpy.testing.assert_allclose(mpidp.allreduce(x, op=mpidp.Sum, process_set=ps), numpy.sum(arrays, 0))
+            rows = [data((r + 1, 3), "float32", r) for r in range(n)]
+            numpy.testing.assert_array_equal(mpidp.allgather(rows[me], process_set=ps), numpy.concatenate(rows))
+            block = numpy.stack([a[:4 * n] for a in arrays]).sum(0).reshape(n, 4)
+            numpy.testing.assert_allclose(mpidp.reducescatter(x[:4 * n].reshape(n, 4), op=mpidp.Sum, process_set=ps),
+                                          block[me:me + 1])
+        finally:
+            if through:
+                topo.set_from(old)
+    finally:
+        mpidp.remove_process_set(ps)
+    assert runtime.topology(ps.comm) is None if ps.comm is not None else True
