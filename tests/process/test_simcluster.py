@@ -152,14 +152,18 @@ def test_the_pytest_plugin_runs_a_file_on_simulated_clusters(tmp_path):
     assert (tmp_path / ".mpidp-pytest" / "nodes2p1" / "rank-2.log").exists()
 
 
+ALL_FILES = ["tests/mpi/test_collectives.py", "tests/mpi/test_hierarchical.py", "tests/mpi/test_join.py",
+             "tests/mpi/test_carried_check.py", "tests/mpi/test_fast_paths.py"]
+
+
 @needs_shaping
-@pytest.mark.parametrize("layout,hierarchical", [("2x2", "on"), ("2+1", "auto")])
-def test_the_collective_tests_pass_on_a_simulated_cluster(tmp_path, layout, hierarchical):
+@pytest.mark.parametrize("layout,hierarchical,files", [
+    ("2x2", "on", ALL_FILES), ("2+1", "auto", ALL_FILES),
+    ("3x2", "auto", ["tests/mpi/test_hierarchical.py::test_a_process_set_knows_its_nodes_and_goes_through_them"])])
+def test_the_collective_tests_pass_on_a_simulated_cluster(tmp_path, layout, hierarchical, files):
     """The collective test files themselves (values against NumPy, mismatches, join, the short paths)
     on simulated nodes over TCP: on 2x2 with every message through the nodes (MPIDP_HIERARCHICAL=on),
-    on 2+1 as a job gets it."""
-    files = ["tests/mpi/test_collectives.py", "tests/mpi/test_hierarchical.py", "tests/mpi/test_join.py",
-             "tests/mpi/test_carried_check.py", "tests/mpi/test_fast_paths.py"]
+    on 2+1 as a job gets it; on 3x2 a process set of two nodes goes through them."""
     rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", sys.executable, "-m", "pytest",
                                "-q", "-p", "mpidp.testing", "--mpidp", "-p", "no:cacheprovider",
                                "--rootdir", tmp_path, *files, timeout=300,
