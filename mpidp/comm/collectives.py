@@ -447,11 +447,16 @@ def _grouped_layout(tensors, dtypes, op):
 
 def _grouped_stage(buffers, tensors, xp, inplace):
     """Each exchange's Staged buffer: the caller's big tensor itself where it can be, else a copy."""
-    staged = []
+    staged, kept = [], []  # kept: big tensors reduced in their own memory
     for dtype, _, unpack, alone in buffers:
         if alone:
             t = tensors[unpack[0][0]]
-            staged.append(Staged(t if inplace and t.flags.c_contiguous else _copy(xp, t)))
+            # one listed twice (or two views of one memory) is reduced and scaled once in it, the rest in copies
+            if inplace and t.flags.c_contiguous and not any(xp.may_share_memory(t, k) for k in kept):
+                kept.append(t)
+                staged.append(Staged(t))
+            else:
+                staged.append(Staged(_copy(xp, t)))
             continue
         members = tensors if len(unpack) == len(tensors) else [tensors[u[0]] for u in unpack]
         fused = Staged(empty_result(xp, (unpack[-1][2],), dtype), copy_in=False)
