@@ -24,6 +24,7 @@ from ..backend.interop import is_foreign
 from ..backend.xp import asnumpy, get_array_module
 from ..errors import MpidpError
 from . import _buffers, _fatal, _hierarchical, check, dlpack as _dlpack, engine as _engine, runtime
+from . import process_set as _process_set  # (the collectives' argument process_set shadows the name)
 from ._buffers import (MAX_COUNT, Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces,
                        scale, spec, uses_ring)
 from .engine import Handle, engine_for
@@ -35,8 +36,11 @@ def set_check(enabled):
     """Turn the cross-rank mismatch check on or off, on every rank: a collective (each rank calls it,
     with the same value, or all raise MismatchError); returns the old setting."""
     if runtime.is_initialized():  # a rank without the check would meet the others' in another call: a hang
-        check.agree(runtime.get_comm(), "set_check", "set_check", (("enabled", bool(enabled)),),
-                    "call set_check() on every rank, with the same value")
+        # on each process set too, behind its queue: a job reads the setting when it runs, so one started
+        # before must have run on every rank before the switch (a set's engine may be late on one rank)
+        for comm in [runtime.get_comm()] + [ps.comm for ps in _process_set._created if ps.comm is not None]:
+            check.agree(comm, "set_check", "set_check", (("enabled", bool(enabled)),),
+                        "call set_check() on every rank, with the same value")
     return check.set_enabled(enabled)
 
 

@@ -1,4 +1,7 @@
 """Review of the grouped plan, set_check and the hierarchical allgather: cases that went wrong."""
+import threading
+import time
+
 import numpy
 import pytest
 
@@ -21,3 +24,35 @@ def test_grouped_in_place_with_one_big_tensor_twice_reduces_it_once(rank, size, 
         want = total / size if op == "Average" else total
         numpy.testing.assert_array_equal(big, numpy.full(n, want))
         numpy.testing.assert_array_equal(small, numpy.full(3, want))
+
+
+@pytest.mark.mpi(min_size=3)
+def test_set_check_lets_collectives_on_process_sets_finish_with_the_old_setting(rank, size, monkeypatch):
+    """An async collective on a process set, started before set_check(False) on every rank, runs with
+    the check on every rank, however late its engine thread picks it up on one of them (rank 0's
+    sleeps 1 s first; rank 1's has started its check when set_check is called). Otherwise rank 1
+    is in the check's Allgather and rank 0 in the Allreduce: a hang or garbage."""
+    ps = mpidp.add_process_set([0, 1])  # (a set of every rank is the global one)
+    real_job, started = collectives._job, threading.Event()
+
+    def job(*args, **kwargs):
+        run = real_job(*args, **kwargs)
+
+        def slow():
+            if rank == 0:
+                time.sleep(1.0)
+            started.set()
+            return run()
+        return slow
+
+    monkeypatch.setattr(collectives, "_job", job)
+    x = numpy.full(8, float(rank + 1))
+    handle = mpidp.allreduce_async(x, op=mpidp.Sum, name="before", process_set=ps) if rank < 2 else None
+    if rank == 1:
+        assert started.wait(30)
+    old = collectives.set_check(False)
+    try:
+        if handle is not None:
+            numpy.testing.assert_array_equal(mpidp.synchronize(handle), numpy.full(8, 3.0))
+    finally:
+        collectives.set_check(old)
