@@ -420,8 +420,10 @@ class _GroupedPlan:
 
 
 def _grouped_key(comm, tensors, op, name, prescale_factor, postscale_factor, inplace):
+    """What a grouped plan depends on: an allreduce plan's fields, every dtype and shape, and the
+    threshold of the tensors that go alone (a plan made before it moved must not keep the old layout)."""
     return (_plan_key(comm, tensors[0], op, name, prescale_factor, postscale_factor, inplace)[2:]
-            + (tuple(map(_DTYPE, tensors)), tuple(map(_SHAPE, tensors))))
+            + (tuple(map(_DTYPE, tensors)), tuple(map(_SHAPE, tensors)), ALONE_BYTES))
 
 
 def _grouped_layout(tensors, dtypes, op):

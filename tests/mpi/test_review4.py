@@ -56,3 +56,20 @@ def test_set_check_lets_collectives_on_process_sets_finish_with_the_old_setting(
             numpy.testing.assert_array_equal(mpidp.synchronize(handle), numpy.full(8, 3.0))
     finally:
         collectives.set_check(old)
+
+
+def test_grouped_plan_follows_alone_bytes(monkeypatch):
+    """A plan made before ALONE_BYTES changed (tests lower it) is not reused with the old layout: the
+    lowered threshold sends each tensor by itself (test_grouped_mixed_dtypes_shapes_and_layouts
+    with big ones alone otherwise ran the fused plan its fused variant had left, under the same key)."""
+    sizes = []
+    real = collectives._reduce
+    monkeypatch.setattr(collectives, "_reduce", lambda comm, path, send, recv, *a: sizes.append(recv.size)
+                        or real(comm, path, send, recv, *a))
+    ins = [numpy.ones((3, 4), numpy.float32), numpy.ones(5, numpy.float32)]
+    mpidp.grouped_allreduce_(ins, op=mpidp.Sum, name="alone bytes")
+    assert sizes == [17]
+    sizes.clear()
+    monkeypatch.setattr(collectives, "ALONE_BYTES", 16)
+    mpidp.grouped_allreduce_(ins, op=mpidp.Sum, name="alone bytes")
+    assert sizes == [12, 5]
