@@ -583,8 +583,9 @@ def _allgather_core(x, name, process_set, blocking):
     rows, tail = x.shape[0], tuple(x.shape[1:])
     row = math.prod(tail)
     topo = runtime.topology(comm)
+    start = topo.gathers() if topo is not None else None
     signature = _signature(eng, "allgather", given, ("dtype", dtype_name(x.dtype)), ("shape[1:]", tail),
-                           ("hierarchical from", topo.gathers() if topo is not None else None))
+                           ("hierarchical from", start))
     send = Staged(x)
     # every rank's row count travels in the check, and its rows too where they fit: the ranks
     # then know the counts (no call for them) and, when every rank's rows came along, the result
@@ -600,7 +601,7 @@ def _allgather_core(x, name, process_set, blocking):
         counts = table * row
         displs = numpy.concatenate(([0], numpy.cumsum(counts)[:-1]))
         out = empty_result(numpy, (int(table.sum()),) + tail, x.dtype)
-        _hierarchical.allgatherv(comm, topo, flat(send.host), flat(out), counts, displs, mpi_type(x.dtype))
+        _hierarchical.allgatherv(comm, topo, start, flat(send.host), flat(out), counts, displs, mpi_type(x.dtype))
         return out
 
     def body(joined):  # a joined rank gives zero rows
