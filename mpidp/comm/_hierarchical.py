@@ -27,6 +27,7 @@ from mpi4py import MPI
 
 from .. import _env
 from ..backend.pinned import pool
+from ..backend.xp import asnumpy
 from ._buffers import reduce_scatter_pieces, scale
 from .ops import mpi_type
 
@@ -243,7 +244,7 @@ def allgatherv(comm, topo, start, send, out, counts, displs, datatype):
         return
     me, j = comm.Get_rank(), topo.local.Get_rank()
     counts, displs = [int(c) for c in counts], [int(d) for d in displs]
-    out[displs[me]:displs[me] + counts[me]] = send
+    out[displs[me]:displs[me] + counts[me]] = asnumpy(send)  # (device memory where the MPI is CUDA-aware)
     channel = [topo.rank_of[i][j] for i in range(topo.nodes)]  # the channel's ranks, in node order
     step = max(1, SHARE_BYTES // out.itemsize)  # elements of each rank's block per piece
 

@@ -95,3 +95,43 @@ def test_a_joined_rank_gathers_the_way_the_others_checked(hooked):
     numpy.testing.assert_array_equal(got, numpy.concatenate([numpy.full((r + 1, 40), float(r))
                                                              for r in range(size - 1)]))
     mpidp.join()
+
+
+class _DeviceArray:
+    """What the hierarchical allgather is given for a CuPy array under a CUDA-aware MPI (Staged keeps
+    device memory): NumPy cannot convert it implicitly, as CuPy refuses; ``get()`` copies it to the host."""
+    __module__ = "cupy._review4"  # backend.xp.is_cupy goes by the module
+
+    def __init__(self, a):
+        self._a, self.dtype, self.shape, self.size = a, a.dtype, a.shape, a.size
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()`")
+
+    def get(self, stream=None, out=None, blocking=True):
+        if out is None:
+            return self._a.copy()
+        out[...] = self._a
+        return out
+
+
+def test_hierarchical_allgather_takes_device_memory_under_a_cuda_aware_mpi(topo, monkeypatch):
+    """Through the nodes, a rank's own block is copied into the host result first: from device memory
+    (a CUDA-aware MPI leaves the send buffer there) it must go by ``get()``; a TypeError there came after
+    the ranks agreed, and ended the job."""
+    import sys
+    import types
+    from mpi4py import MPI
+    from mpidp.comm import _hierarchical
+    if topo.gathers() is None:
+        pytest.skip(f"layout {topo.describe()} gathers flat (MPI takes device memory itself there)")
+    monkeypatch.setitem(sys.modules, "cupy", sys.modules.get("cupy") or types.ModuleType("cupy"))
+    comm = topo.comm
+    size, rank = comm.Get_size(), comm.Get_rank()
+    counts = numpy.array([r + 2 for r in range(size)], dtype=numpy.int64) * 3
+    displs = numpy.concatenate(([0], numpy.cumsum(counts)[:-1]))
+    out = numpy.full(int(counts.sum()), numpy.nan)
+    send = _DeviceArray(numpy.full(int(counts[rank]), float(rank)))
+    _hierarchical.allgatherv(comm, topo, 0, send, out, counts, displs, MPI.DOUBLE)
+    numpy.testing.assert_array_equal(out, numpy.concatenate([numpy.full(int(c), float(r))
+                                                             for r, c in enumerate(counts)]))
