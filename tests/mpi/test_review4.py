@@ -8,6 +8,8 @@ import pytest
 import mpidp
 from mpidp.comm import collectives
 
+from test_hierarchical import hooked, topo  # noqa: F401  (fixtures: one host's ranks split into fake nodes)
+
 
 @pytest.mark.parametrize("twice", ["same array", "two views of one array"])
 @pytest.mark.parametrize("op", ["Sum", "Average"])
@@ -74,8 +76,6 @@ def test_grouped_plan_follows_alone_bytes(monkeypatch):
     mpidp.grouped_allreduce_(ins, op=mpidp.Sum, name="alone bytes")
     assert sizes == [12, 5]
 
-
-from test_hierarchical import hooked, topo  # noqa: E402,F401  (fake nodes: fixtures)
 
 
 def test_a_joined_rank_gathers_the_way_the_others_checked(hooked):
