@@ -27,6 +27,7 @@ from mpi4py import MPI
 
 from .. import _env
 from ..backend.pinned import pool
+from ..backend.xp import asnumpy
 from ._buffers import reduce_scatter_pieces, scale
 from .ops import mpi_type
 
@@ -226,11 +227,11 @@ def reduce_scatter(topo, send, recv, counts, mpi_op, ufunc=None):
     return False
 
 
-def allgatherv(comm, topo, send, out, counts, displs, datatype):
+def allgatherv(comm, topo, start, send, out, counts, displs, datatype):
     """Allgatherv 1-D ``send`` into ``out`` (rank r's ``counts[r]`` elements at ``displs[r]``) over ``comm``:
-    through the nodes where ``topo`` (``comm``'s topology, or None) gathers this many bytes in all
-    (a function of the gathered counts and the checked crossover, so every rank goes the same way),
-    else MPI's own Allgatherv.
+    through the nodes of ``topo`` (``comm``'s topology) where ``start``, the crossover in the call's checked
+    signature (``topo.gathers()``; None: never), is at most the bytes gathered in all (so every rank goes
+    the same way, a joined one too), else MPI's own Allgatherv.
 
     Through the nodes, each rank's block goes to the ranks with its local rank on every other node
     (its channel: every rank of a node drives the links at once), and each node allgathers what its
@@ -238,13 +239,12 @@ def allgatherv(comm, topo, send, out, counts, displs, datatype):
     flat ring sends (ranks - 1) / ranks of everything across each link it crosses. The blocks go in
     pieces, pipelined: while piece k + 1 crosses the network (a nonblocking Iallgatherv), the nodes
     share piece k, and MPI's progress inside those blocking calls keeps piece k + 1 moving."""
-    start = topo.gathers() if topo is not None else None
     if start is None or out.nbytes < start:
         comm.Allgatherv([send, datatype], [out, counts, displs, datatype])
         return
     me, j = comm.Get_rank(), topo.local.Get_rank()
     counts, displs = [int(c) for c in counts], [int(d) for d in displs]
-    out[displs[me]:displs[me] + counts[me]] = send
+    out[displs[me]:displs[me] + counts[me]] = asnumpy(send)  # (device memory where the MPI is CUDA-aware)
     channel = [topo.rank_of[i][j] for i in range(topo.nodes)]  # the channel's ranks, in node order
     step = max(1, SHARE_BYTES // out.itemsize)  # elements of each rank's block per piece
 

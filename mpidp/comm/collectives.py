@@ -24,6 +24,7 @@ from ..backend.interop import is_foreign
 from ..backend.xp import asnumpy, get_array_module
 from ..errors import MpidpError
 from . import _buffers, _fatal, _hierarchical, check, dlpack as _dlpack, engine as _engine, runtime
+from . import process_set as _process_set  # (the collectives' argument process_set shadows the name)
 from ._buffers import (MAX_COUNT, Staged, allreduce_pieces, bcast_pieces, empty_result, flat, reduce_scatter_pieces,
                        scale, spec, uses_ring)
 from .engine import Handle, engine_for
@@ -35,8 +36,11 @@ def set_check(enabled):
     """Turn the cross-rank mismatch check on or off, on every rank: a collective (each rank calls it,
     with the same value, or all raise MismatchError); returns the old setting."""
     if runtime.is_initialized():  # a rank without the check would meet the others' in another call: a hang
-        check.agree(runtime.get_comm(), "set_check", "set_check", (("enabled", bool(enabled)),),
-                    "call set_check() on every rank, with the same value")
+        # on each process set too, behind its queue: a job reads the setting when it runs, so one started
+        # before must have run on every rank before the switch (a set's engine may be late on one rank)
+        for comm in [runtime.get_comm()] + [ps.comm for ps in _process_set._created if ps.comm is not None]:
+            check.agree(comm, "set_check", "set_check", (("enabled", bool(enabled)),),
+                        "call set_check() on every rank, with the same value")
     return check.set_enabled(enabled)
 
 
@@ -416,8 +420,10 @@ class _GroupedPlan:
 
 
 def _grouped_key(comm, tensors, op, name, prescale_factor, postscale_factor, inplace):
+    """What a grouped plan depends on: an allreduce plan's fields, every dtype and shape, and the
+    threshold of the tensors that go alone (a plan made before it moved must not keep the old layout)."""
     return (_plan_key(comm, tensors[0], op, name, prescale_factor, postscale_factor, inplace)[2:]
-            + (tuple(map(_DTYPE, tensors)), tuple(map(_SHAPE, tensors))))
+            + (tuple(map(_DTYPE, tensors)), tuple(map(_SHAPE, tensors)), ALONE_BYTES))
 
 
 def _grouped_layout(tensors, dtypes, op):
@@ -447,11 +453,16 @@ def _grouped_layout(tensors, dtypes, op):
 
 def _grouped_stage(buffers, tensors, xp, inplace):
     """Each exchange's Staged buffer: the caller's big tensor itself where it can be, else a copy."""
-    staged = []
+    staged, kept = [], []  # kept: big tensors reduced in their own memory
     for dtype, _, unpack, alone in buffers:
         if alone:
             t = tensors[unpack[0][0]]
-            staged.append(Staged(t if inplace and t.flags.c_contiguous else _copy(xp, t)))
+            # one listed twice (or two views of one memory) is reduced and scaled once in it, the rest in copies
+            if inplace and t.flags.c_contiguous and not any(xp.may_share_memory(t, k) for k in kept):
+                kept.append(t)
+                staged.append(Staged(t))
+            else:
+                staged.append(Staged(_copy(xp, t)))
             continue
         members = tensors if len(unpack) == len(tensors) else [tensors[u[0]] for u in unpack]
         fused = Staged(empty_result(xp, (unpack[-1][2],), dtype), copy_in=False)
@@ -572,8 +583,9 @@ def _allgather_core(x, name, process_set, blocking):
     rows, tail = x.shape[0], tuple(x.shape[1:])
     row = math.prod(tail)
     topo = runtime.topology(comm)
+    start = topo.gathers() if topo is not None else None
     signature = _signature(eng, "allgather", given, ("dtype", dtype_name(x.dtype)), ("shape[1:]", tail),
-                           ("hierarchical from", topo.gathers() if topo is not None else None))
+                           ("hierarchical from", start))
     send = Staged(x)
     # every rank's row count travels in the check, and its rows too where they fit: the ranks
     # then know the counts (no call for them) and, when every rank's rows came along, the result
@@ -589,7 +601,7 @@ def _allgather_core(x, name, process_set, blocking):
         counts = table * row
         displs = numpy.concatenate(([0], numpy.cumsum(counts)[:-1]))
         out = empty_result(numpy, (int(table.sum()),) + tail, x.dtype)
-        _hierarchical.allgatherv(comm, topo, flat(send.host), flat(out), counts, displs, mpi_type(x.dtype))
+        _hierarchical.allgatherv(comm, topo, start, flat(send.host), flat(out), counts, displs, mpi_type(x.dtype))
         return out
 
     def body(joined):  # a joined rank gives zero rows

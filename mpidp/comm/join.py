@@ -174,8 +174,9 @@ def _allgather(comm, fields, joined):
     raw, out = _scratch(dtype, int(counts.sum()))
     try:
         from . import _hierarchical, runtime
-        _hierarchical.allgatherv(comm, runtime.topology(comm), numpy.empty(0, dtype=dtype), out, counts, displs,
-                                 mpi_type(dtype))
+        # the way the others' checked crossover says, not this rank's own
+        _hierarchical.allgatherv(comm, runtime.topology(comm), fields["hierarchical from"], numpy.empty(0, dtype=dtype),
+                                 out, counts, displs, mpi_type(dtype))
     finally:
         _buffers.pool.release(raw)
 

@@ -220,7 +220,7 @@ def test_allgather_through_the_nodes_matches_the_flat_one_bit_for_bit(topo, piec
         for start in (0, None):
             topo.from_bytes = start
             out = numpy.full(int(counts.sum()), numpy.nan)
-            _hierarchical.allgatherv(comm, topo, send, out, counts, displs, MPI.DOUBLE)
+            _hierarchical.allgatherv(comm, topo, topo.gathers(), send, out, counts, displs, MPI.DOUBLE)
             want = numpy.concatenate([data((int(counts[r]),), "float64", r + 1) for r in range(size)])
             numpy.testing.assert_array_equal(out, want)
     finally:
