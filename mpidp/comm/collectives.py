@@ -260,6 +260,8 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
         return _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_set, inplace, blocking,
                                   wake)
     # a host array: through its cached plan, if the general path below kept one
+    if type(prescale_factor) is not float or type(postscale_factor) is not float:  # (a Decimal equals a float key)
+        _arguments("allreduce", name if type(name) is str else None, prescale_factor, postscale_factor)
     eng = _engine.engine
     comm = eng.comm
     if process_set is not None or comm is None or comm is not runtime._state.comm:
@@ -305,9 +307,13 @@ def _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_s
     xp = get_array_module(x)
     post = postscale_factor / comm.Get_size() if op is Average else postscale_factor
     mop = mpi_op(op, x.dtype)
+    later = 1.0  # a factor for the caller's own host memory, applied once the ranks agreed
     if inplace or prescale_factor != 1.0:  # reduce in place in a contiguous work array
         work = x if (inplace and x.flags.c_contiguous) else _copy(xp, x)
-        scale(work, prescale_factor)
+        if work is x and xp is numpy:  # (a MismatchError must leave the caller's array as it was)
+            later = prescale_factor
+        else:
+            scale(work, prescale_factor)
         send, recv = None, Staged(work)
     else:
         send = Staged(xp.ascontiguousarray(x))
@@ -321,7 +327,8 @@ def _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_s
     if key is not None:
         _keep_plan(eng, key, signature, x, op, prescale_factor, postscale_factor, inplace, mop, post, path)
 
-    carry = (recv.host if send is None else send.host) if _carries(comm, path, x.dtype, x.nbytes) else None
+    carry = ((recv.host if send is None else send.host) if _carries(comm, path, x.dtype, x.nbytes) and later == 1.0
+             else None)
 
     def carried():
         check.reduce_carried(eng, recv.host, mop, mpi_type(x.dtype))
@@ -331,6 +338,7 @@ def _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_s
         nonlocal post
         if joined and op is Average:
             post = average_factor(postscale_factor, comm.Get_size(), joined)
+        scale(work, later)
         return _reduce(comm, path, None if send is None else flat(send.host), flat(recv.host), mop, op.ufunc,
                        post, seq)
 
@@ -485,6 +493,8 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
     tensors = list(tensors)
     host = bool(tensors) and set(map(type, tensors)) <= {numpy.ndarray}
     key = _grouped_key(comm, tensors, op, given, prescale_factor, postscale_factor, inplace) if host else None
+    if type(prescale_factor) is not float or type(postscale_factor) is not float:  # (a Decimal equals a float key)
+        _arguments("grouped_allreduce", given if type(given) is str else None, prescale_factor, postscale_factor)
     try:
         plan = eng.plans.get(key) if key is not None else None
     except TypeError:  # an unhashable argument: said below
@@ -503,8 +513,13 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
         buffers = plan.buffers
     xp = numpy if host or set(map(type, tensors)) <= {numpy.ndarray} else get_array_module(*tensors)
     staged = _grouped_stage(buffers, tensors, xp, inplace)
-    for s in staged:
-        scale(s.host, prescale_factor)
+    # a big tensor reduced in the caller's own host memory is scaled once the ranks agreed (a MismatchError
+    # must leave it as it was); the rest are copies
+    later = [alone and xp is numpy and s.host is tensors[unpack[0][0]]
+             for (_, _, unpack, alone), s in zip(buffers, staged)]
+    for s, wait in zip(staged, later):
+        if not wait:
+            scale(s.host, prescale_factor)
     if plan is None:
         plan = _GroupedPlan()
         plan.buffers = buffers
@@ -529,6 +544,9 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
         nonlocal post
         if joined and plan.average:
             post = average_factor(postscale_factor, comm.Get_size(), joined)
+        for s, wait in zip(staged, later):
+            if wait:
+                scale(s.host, prescale_factor)
         return [_reduce(comm, path, None, flat(s.host), mop, ufunc, post, seq)
                 for (_, mop, _, _), s, path in zip(buffers, staged, plan.paths)]
 

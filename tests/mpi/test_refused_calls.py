@@ -50,3 +50,41 @@ def test_an_unhashable_argument_is_a_clear_error_that_takes_no_number(rank, size
             fn([x] if call.startswith("grouped") else x, **kwargs)
     got = mpidp.allreduce(numpy.full(3, rank + 1.0), op=mpidp.Sum)
     numpy.testing.assert_allclose(got, numpy.full(3, size * (size + 1) / 2))
+
+
+@pytest.mark.parametrize("call", ["allreduce_", "grouped_allreduce_ fused", "grouped_allreduce_ alone"])
+def test_a_mismatched_in_place_call_leaves_the_tensor_as_it_was(rank, size, call, monkeypatch):
+    """An in-place call with a prescale factor that raises MismatchError (here one rank names its
+    tensor differently) leaves the caller's array untouched: it was scaled before the check."""
+    if size < 2:
+        pytest.skip("needs two ranks")
+    from mpidp.comm import collectives
+    if call.endswith("alone"):
+        monkeypatch.setattr(collectives, "ALONE_BYTES", 8)
+    x = numpy.arange(4, dtype=numpy.float64) + rank
+    before = x.copy()
+    name = "mine" if rank == 1 else "theirs"
+    with pytest.raises(mpidp.MismatchError):
+        if call == "allreduce_":
+            mpidp.allreduce_(x, op=mpidp.Sum, name=name, prescale_factor=2.0)
+        else:
+            mpidp.grouped_allreduce_([x], op=mpidp.Sum, name=name, prescale_factor=2.0)
+    numpy.testing.assert_array_equal(x, before)
+    got = mpidp.allreduce(numpy.full(3, rank + 1.0), op=mpidp.Sum)
+    numpy.testing.assert_allclose(got, numpy.full(3, size * (size + 1) / 2))
+
+
+@pytest.mark.parametrize("call", ["allreduce", "grouped_allreduce"])
+def test_a_factor_of_the_wrong_type_is_refused_on_the_short_path_too(rank, size, call):
+    """A Decimal equals the float of a kept plan (same key), but the general path refuses it: a rank
+    with the plan accepted it while a rank without raised, and the others waited for it."""
+    import decimal
+    fn = getattr(mpidp, call)
+    x = numpy.full(3, rank + 1.0)
+    arg = [x] if call.startswith("grouped") else x
+    for _ in range(2):
+        fn(arg, op=mpidp.Sum, name="dec", postscale_factor=2.0)  # the plan
+    with pytest.raises(TypeError, match="postscale_factor must be a real number"):
+        fn(arg, op=mpidp.Sum, name="dec", postscale_factor=decimal.Decimal(2))
+    got = mpidp.allreduce(numpy.full(3, rank + 1.0), op=mpidp.Sum)
+    numpy.testing.assert_allclose(got, numpy.full(3, size * (size + 1) / 2))
