@@ -611,7 +611,7 @@ def hierarchical(sizes=HIERARCHICAL_SIZES, reps=3, cache=True, cache_path=None, 
                 topo.set_from(start)
                 times = []
                 for _ in range(reps + 1):  # the first warms the path up
-                    comm.Barrier()
+                    collectives.barrier()  # (in order behind what is in flight, as every MPI call on the communicator)
                     t0 = timer()
                     collectives.allreduce_(x, op=ops.Sum, name="tune.hierarchical")
                     times.append(_agreed(max, timer() - t0, None))

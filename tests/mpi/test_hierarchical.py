@@ -314,6 +314,22 @@ def test_tune_learns_the_crossover(hooked, tmp_path):
         assert json.loads(path.read_text())["entries"][hooked.key()]["from_bytes"] == chosen
 
 
+def test_tune_with_collectives_in_flight(hooked, tmp_path, monkeypatch):
+    """tune.hierarchical() behind async allreduces still in flight: its every MPI call goes through the
+    engine, in order (its barrier was the communicator's Barrier from the caller's thread, racing the
+    engine thread's queued work)."""
+    from mpidp import tune
+    monkeypatch.setattr(engine_mod, "test_delay_s", 0.002)
+    comm = hooked.comm
+    size = comm.Get_size()
+    for _ in range(3):
+        handles = [mpidp.allreduce_async(numpy.full(1 << 16, float(i)), op=mpidp.Sum, name=f"inflight{i}")
+                   for i in range(4)]
+        tune.hierarchical(sizes=(4096,), reps=1, cache=False)
+        for i, h in enumerate(handles):
+            assert mpidp.synchronize(h)[0] == i * size
+
+
 def test_tune_on_one_node_has_nothing_to_learn():
     from mpidp import tune
     if runtime.topology(runtime.get_comm()).nodes > 1:
