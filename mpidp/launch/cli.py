@@ -500,9 +500,11 @@ def run_bounded(argv, env=None, deadline=None, grace=GRACE_S, tails=None):
             thread.join(timeout=2.0)
 
 
-# What mpiexec prints when a process ends badly: Hydra names the host, Open MPI the rank and node.
+# What mpiexec prints when a process ends badly: Hydra names the host, Open MPI the rank and node
+# (in a help text that it wraps at any space).
 _HYDRA_FAILED = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*\n=\s*(?:EXIT CODE|KILLED BY SIGNAL): (\d+)")
-_OPENMPI_FAILED = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+)")
+_OPENMPI_FAILED = re.compile(r"process\s+rank\s+(\d+)\s+with\s+PID\s+(\d+)\s+on\s+node\s+(\S+)\s+"
+                             r"exited\s+on\s+signal\s+(\d+)")
 
 
 def failed_host(p, text):
@@ -518,6 +520,8 @@ def failed_host(p, text):
             return None
         rank, pid, host, code = found.groups()
         what = f"rank {rank} (pid {pid}) ended by signal {code}"
+        if p.sim:  # PRRTE names a simulated node by the host name its daemon reported
+            host = {_sim.node_name(i): h.name for i, h in enumerate(p.hosts)}.get(host, host)
     where = _hosts.placement(p.hosts or [], p.np)
     if host not in where:
         return None

@@ -184,6 +184,24 @@ def test_node_lost_ends_the_job_names_the_host_and_restarts_from_the_checkpoint(
     assert resumed and resumed[0].startswith("step 3 "), f"not resumed from the step-2 checkpoint: {resumed}"
 
 
+@needs_openmpi
+def test_open_mpi_rank_lost_names_the_simulated_host(tmp_path):
+    """Open MPI names the node by its host name (simnode1) and breaks the line: mpidprun still
+    names the node's address and ranks."""
+    prog = tmp_path / "die.py"
+    # the others make no MPI call meanwhile: a peer that saw the socket close first would abort the
+    # job itself (prterun then names that rank's abort instead)
+    prog.write_text("import os, signal, time\nfrom mpi4py import MPI\nMPI.COMM_WORLD.Barrier()\n"
+                    "if MPI.COMM_WORLD.rank == 2:\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+                    "time.sleep(30)\nMPI.COMM_WORLD.Barrier()\n")
+    exe, python, env = launch("openmpi")
+    rc, out, err, seconds = mpidprun("--simulate-nodes", "2x2", python, prog, timeout=60, exe=exe,
+                                     env=dict(QUIET, **env))
+    assert rc == 128 + signal.SIGKILL and seconds < 25, f"{seconds:.1f} s\n{out}\n{err}"
+    assert "mpidprun: host 127.0.0.3 (simulated node 1: ranks 2,3) failed: rank 2 (pid " in err, err
+    assert ") ended by signal 9, and mpiexec ended the job" in err, err
+
+
 def test_the_pytest_plugin_runs_a_file_on_simulated_clusters(tmp_path):
     """pytest --mpidp-nodes 2x2,2+1: one item per layout, the report names the failing ranks."""
     from test_plugin import pytest_job
@@ -200,16 +218,18 @@ def test_the_pytest_plugin_runs_a_file_on_simulated_clusters(tmp_path):
 
 
 @needs_shaping
-@pytest.mark.parametrize("layout,hierarchical", [("2x2", "on"), ("2+1", "auto")])
-def test_the_collective_tests_pass_on_a_simulated_cluster(tmp_path, layout, hierarchical):
+@pytest.mark.parametrize("layout,hierarchical,mpi", [("2x2", "on", "mpich"), ("2+1", "auto", "mpich"),
+                                                     pytest.param("2x2", "on", "openmpi", marks=needs_openmpi)])
+def test_the_collective_tests_pass_on_a_simulated_cluster(tmp_path, layout, hierarchical, mpi):
     """The collective test files themselves (values against NumPy, mismatches, join, the short paths)
     on simulated nodes over TCP: on 2x2 with every message through the nodes (MPIDP_HIERARCHICAL=on),
-    on 2+1 as a job gets it."""
+    on 2+1 as a job gets it; Open MPI's TCP BTL on 2x2."""
     files = ["tests/mpi/test_collectives.py", "tests/mpi/test_hierarchical.py", "tests/mpi/test_join.py",
              "tests/mpi/test_carried_check.py", "tests/mpi/test_fast_paths.py"]
-    rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", sys.executable, "-m", "pytest",
+    exe, python, env = launch(mpi)
+    rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", python, "-m", "pytest",
                                "-q", "-p", "mpidp.testing", "--mpidp", "-p", "no:cacheprovider",
-                               "--rootdir", tmp_path, *files, timeout=300,
-                               env=dict(QUIET, MPIDP_HIERARCHICAL=hierarchical))
+                               "--rootdir", tmp_path, *files, timeout=300, exe=exe,
+                               env=dict(QUIET, MPIDP_HIERARCHICAL=hierarchical, **env))
     assert rc == 0, f"{out[-4000:]}\n{err[-2000:]}"
     assert " passed" in out and "failed" not in out, out[-2000:]
