@@ -293,6 +293,12 @@ def _simulated(args, launcher, np, env, environ, notes):
     if launcher == "mpich":
         for key, value in _sim.MPICH_TCP_ENV.items():
             env.setdefault(key, environ.get(key, value))
+    elif np > (os.cpu_count() or 1):
+        # Open MPI yields when it knows the ranks outnumber the cores, but here each node's slots
+        # are its own: its ranks would spin, and the 64 MiB Allreduce on 2x2 took 3-10 s, not 0.3
+        env.setdefault(_sim.OPENMPI_YIELD, environ.get(_sim.OPENMPI_YIELD, "1"))
+        notes.append(f"{np} ranks on {os.cpu_count()} cores: Open MPI's waiting ranks yield "
+                     f"({_sim.OPENMPI_YIELD}={env[_sim.OPENMPI_YIELD]})")
     prefix, why = _sim.isolation()
     if prefix is None and launcher == "openmpi":
         # PRRTE's daemons would talk over this machine's own network (they never use loopback)

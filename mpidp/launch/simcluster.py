@@ -25,8 +25,8 @@ from typing import NamedTuple
 from ..errors import LaunchError
 
 __all__ = ["Layout", "parse_layout", "isolation", "shaping_available", "node_address",
-           "node_name", "RATE_PATTERN", "MPICH_TCP_ENV", "OPENMPI_TCP_MCA", "check_rate",
-           "node_processes", "listening_ports", "cut_link", "main"]
+           "node_name", "RATE_PATTERN", "MPICH_TCP_ENV", "OPENMPI_TCP_MCA", "OPENMPI_YIELD",
+           "check_rate", "node_processes", "listening_ports", "cut_link", "main"]
 
 FIRST_OCTET = 2          # node i is 127.0.0.(2 + i); 127.0.0.1 stays the launcher's own address
 MAX_NODES = 250
@@ -39,6 +39,7 @@ MPICH_TCP_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp"}
 # Open MPI: ob1 with shared memory inside a node and TCP over lo between nodes (its UCX PML, like
 # MPICH's, would use shared memory between these "nodes" too: one host to it)
 OPENMPI_TCP_MCA = {"pml": "ob1", "btl": "self,sm,tcp", "btl_tcp_if_include": "lo"}
+OPENMPI_YIELD = "OMPI_MCA_mpi_yield_when_idle"  # set when the nodes' ranks outnumber the cores
 # PRRTE's daemons never use a loopback interface for their own (out-of-band) TCP channel, and
 # would find none: a veth pair in the job's namespace carries one more 127.0.0.0/8 address for it.
 # It is not a node's address (PRRTE would take that node for its own host), and traffic to it is

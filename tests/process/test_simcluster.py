@@ -138,6 +138,8 @@ def test_dry_run_shows_the_simulated_launch_with_open_mpi():
     assert "--prtemca plm_ssh_agent " in out and "--host 127.0.0.2:2,127.0.0.3:1" in out
     assert "--mca pml ob1 --mca btl self,sm,tcp --mca btl_tcp_if_include lo" in out
     assert "--daemon-link --" in out and "-launcher" not in out and "-genv" not in out
+    # 3 ranks on this machine's cores: waiting ranks yield only when they outnumber the cores
+    assert ("-x OMPI_MCA_mpi_yield_when_idle=1" in out) == (3 > os.cpu_count()), out
     if SHAPING:
         assert "netns --rate 100mbit --daemon-link --" in out
 
