@@ -304,7 +304,8 @@ def _simulated(args, launcher, np, env, environ, notes):
         # PRRTE's daemons would talk over this machine's own network (they never use loopback)
         # and, under one host name, be taken for one node
         raise LaunchError(f"--simulate-nodes with Open MPI needs the job's own network namespace, "
-                          f"which is not available here ({why}); run as root or use MPICH")
+                          f"which is not available here ({why}); run as root, allow user namespaces, "
+                          f"or use MPICH")
     where = "; ".join(f"node {i} at {addr} ({n} rank{'s' * (n > 1)})"
                       for i, (addr, n) in enumerate(layout.hosts()))
     notes.append(f"simulated cluster {layout}: {where}")
