@@ -144,6 +144,22 @@ def test_dry_run_shows_the_simulated_launch_with_open_mpi():
         assert "netns --rate 100mbit --daemon-link --" in out
 
 
+def test_open_mpi_without_a_namespace_is_refused(monkeypatch):
+    """Without the job's own namespace PRRTE's daemons would use this machine's network: refused
+    before anything starts (MPICH runs unshaped instead)."""
+    from mpidp.errors import LaunchError
+    from mpidp.launch import cli
+
+    monkeypatch.setattr(simcluster, "isolation", lambda: (None, "not root and user namespaces are not allowed here"))
+    args = cli.build_parser().parse_args(["--mpi", "openmpi", "--simulate-nodes", "2x2", "--dry-run",
+                                          sys.executable, "-c", "pass"])
+    with pytest.raises(LaunchError, match=r"needs the job's own network namespace, which is not available here "
+                                          r"\(not root and user namespaces are not allowed here\)"):
+        cli.plan(args, environ={"PATH": os.environ["PATH"]})
+    args.mpi = "mpich"
+    assert cli.plan(args, environ={"PATH": os.environ["PATH"]}).sim[2] is None
+
+
 def test_layouts():
     assert simcluster.parse_layout("2x2") == ((2, 2),)
     assert simcluster.parse_layout("2,1").ranks == (2, 1) == simcluster.parse_layout("2+1").ranks
