@@ -283,15 +283,29 @@ def plan(args, environ=None):
 
 
 def _simulated(args, launcher, np, env, environ, notes):
-    """(layout, rate, unshare prefix) of --simulate-nodes; MPICH is told to cross nodes over TCP."""
+    """(layout, rate, unshare prefix) of --simulate-nodes; MPICH is told to cross nodes over TCP
+    (Open MPI is told so on its command line, see ``_command``)."""
     layout = _sim.parse_layout(args.simulate_nodes, np)
     rate = _sim.check_rate(args.link_rate) if args.link_rate else None
-    if launcher != "mpich":
-        raise LaunchError(f"--simulate-nodes needs MPICH's Hydra (mpi4py here uses "
-                          f"{_mpiexec.NAMES.get(launcher, launcher)}); see docs/cluster.md for Open MPI")
-    for key, value in _sim.MPICH_TCP_ENV.items():
-        env.setdefault(key, environ.get(key, value))
+    if launcher not in ("mpich", "openmpi"):
+        raise LaunchError(f"--simulate-nodes starts the nodes through MPICH's or Open MPI's mpiexec, "
+                          f"not {_mpiexec.NAMES.get(launcher, launcher)}; pass --mpi mpich|openmpi")
+    if launcher == "mpich":
+        for key, value in _sim.MPICH_TCP_ENV.items():
+            env.setdefault(key, environ.get(key, value))
+    elif np > (os.cpu_count() or 1):
+        # Open MPI yields when it knows the ranks outnumber the cores, but here each node's slots
+        # are its own: its ranks would spin, and the 64 MiB Allreduce on 2x2 took 3-10 s, not 0.3
+        env.setdefault(_sim.OPENMPI_YIELD, environ.get(_sim.OPENMPI_YIELD, "1"))
+        notes.append(f"{np} ranks on {os.cpu_count()} cores: Open MPI's waiting ranks yield "
+                     f"({_sim.OPENMPI_YIELD}={env[_sim.OPENMPI_YIELD]})")
     prefix, why = _sim.isolation()
+    if prefix is None and launcher == "openmpi":
+        # PRRTE's daemons would talk over this machine's own network (they never use loopback)
+        # and, under one host name, be taken for one node
+        raise LaunchError(f"--simulate-nodes with Open MPI needs the job's own network namespace, "
+                          f"which is not available here ({why}); run as root, allow user namespaces, "
+                          f"or use MPICH")
     where = "; ".join(f"node {i} at {addr} ({n} rank{'s' * (n > 1)})"
                       for i, (addr, n) in enumerate(layout.hosts()))
     notes.append(f"simulated cluster {layout}: {where}")
@@ -322,12 +336,19 @@ def _command(p, program, hostfile_path):
     layout, rate, prefix = p.sim
     job = os.path.dirname(hostfile_path)
     agent = os.path.join(job, "simnode")
-    argv = command.argv[:1] + ["-launcher", "ssh", "-launcher-exec", agent] + command.argv[1:]
+    if p.launcher == "openmpi":  # PRRTE starts a prted per node through the agent
+        start = ["--prtemca", "plm_ssh_agent", agent]
+        for key, value in _sim.OPENMPI_TCP_MCA.items():  # wins over OMPI_MCA_* of the environment
+            start += ["--mca", key, value]
+    else:
+        start = ["-launcher", "ssh", "-launcher-exec", agent]
+    argv = command.argv[:1] + start + command.argv[1:]
     env = dict(command.env, **{_sim.ENV_JOB: job})
     if prefix is not None:
         env["MPIDP_SIM_NETNS"] = "1"
         argv = prefix + [sys.executable, "-m", "mpidp.launch._simhelper", "netns"] + (
-            ["--rate", rate] if rate else []) + ["--"] + argv
+            ["--rate", rate] if rate else []) + (
+            ["--daemon-link"] if p.launcher == "openmpi" else []) + ["--"] + argv
     return _mpiexec.Command(argv, env, command.hostfile)
 
 
@@ -486,9 +507,11 @@ def run_bounded(argv, env=None, deadline=None, grace=GRACE_S, tails=None):
             thread.join(timeout=2.0)
 
 
-# What mpiexec prints when a process ends badly: Hydra names the host, Open MPI the rank and node.
+# What mpiexec prints when a process ends badly: Hydra names the host, Open MPI the rank and node
+# (in a help text that it wraps at any space).
 _HYDRA_FAILED = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*\n=\s*(?:EXIT CODE|KILLED BY SIGNAL): (\d+)")
-_OPENMPI_FAILED = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+)")
+_OPENMPI_FAILED = re.compile(r"process\s+rank\s+(\d+)\s+with\s+PID\s+(\d+)\s+on\s+node\s+(\S+)\s+"
+                             r"exited\s+on\s+signal\s+(\d+)")
 
 
 def failed_host(p, text):
@@ -504,6 +527,8 @@ def failed_host(p, text):
             return None
         rank, pid, host, code = found.groups()
         what = f"rank {rank} (pid {pid}) ended by signal {code}"
+        if p.sim:  # PRRTE names a simulated node by the host name its daemon reported
+            host = {_sim.node_name(i): h.name for i, h in enumerate(p.hosts)}.get(host, host)
     where = _hosts.placement(p.hosts or [], p.np)
     if host not in where:
         return None

@@ -1,10 +1,11 @@
 """A simulated cluster on one machine: K "nodes" at 127.0.0.2, 127.0.0.3, ... joined by a shaped link.
 
-``mpidprun --simulate-nodes 2x2 --link-rate 2gbit`` starts the job through MPICH's Hydra as if
-each node were a remote host: Hydra "ssh"es to every 127.0.0.x address through ``node`` below,
-which runs the proxy here with that node's own host name (a UTS namespace) and its own scratch
-folder (``TMPDIR``). Ranks on one node share memory; between nodes MPICH is told to use its
-libfabric TCP provider, so that traffic really crosses the loopback device. The whole job runs
+``mpidprun --simulate-nodes 2x2 --link-rate 2gbit`` starts the job through MPICH's Hydra or Open
+MPI's PRRTE as if each node were a remote host: the launcher "ssh"es to every 127.0.0.x address
+through ``node`` below, which runs the node's proxy (Hydra) or daemon (PRRTE's ``prted``) here
+with that node's own host name (a UTS namespace) and its own scratch folder (``TMPDIR``). Ranks on
+one node share memory; between nodes MPICH is told to use its libfabric TCP provider and Open MPI
+its TCP BTL over ``lo``, so that traffic really crosses the loopback device. The whole job runs
 in its own network namespace (``unshare -n`` as root, ``unshare -rn`` otherwise where user
 namespaces are allowed), where ``netns`` brings up ``lo`` and limits its rate with ``tc``
 (token bucket): shared memory inside a node is untouched, so only inter-node traffic is shaped.
@@ -24,8 +25,8 @@ from typing import NamedTuple
 from ..errors import LaunchError
 
 __all__ = ["Layout", "parse_layout", "isolation", "shaping_available", "node_address",
-           "node_name", "RATE_PATTERN", "check_rate", "node_processes", "listening_ports", "cut_link",
-           "main"]
+           "node_name", "RATE_PATTERN", "MPICH_TCP_ENV", "OPENMPI_TCP_MCA", "OPENMPI_YIELD",
+           "check_rate", "node_processes", "listening_ports", "cut_link", "main"]
 
 FIRST_OCTET = 2          # node i is 127.0.0.(2 + i); 127.0.0.1 stays the launcher's own address
 MAX_NODES = 250
@@ -35,6 +36,16 @@ TBF_LATENCY = "50ms"
 # MPICH's default UCX netmod moves data between these "nodes" through shared memory (UCX sees
 # one host); its OFI netmod with libfabric's TCP provider sends it over the loopback device.
 MPICH_TCP_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp"}
+# Open MPI: ob1 with shared memory inside a node and TCP over lo between nodes (its UCX PML, like
+# MPICH's, would use shared memory between these "nodes" too: one host to it)
+OPENMPI_TCP_MCA = {"pml": "ob1", "btl": "self,sm,tcp", "btl_tcp_if_include": "lo"}
+OPENMPI_YIELD = "OMPI_MCA_mpi_yield_when_idle"  # set when the nodes' ranks outnumber the cores
+# PRRTE's daemons never use a loopback interface for their own (out-of-band) TCP channel, and
+# would find none: a veth pair in the job's namespace carries one more 127.0.0.0/8 address for it.
+# It is not a node's address (PRRTE would take that node for its own host), and traffic to it is
+# local, so it crosses lo too.
+DAEMON_LINK = ("simoob0", "simoob1")
+DAEMON_ADDRESS = "127.0.0.254"
 ENV_NODE = "MPIDP_SIM_NODE"        # set on every process of a simulated node: its index
 ENV_JOB = "MPIDP_SIM_JOB"          # set on every process of the job: the job's scratch folder
 
@@ -160,11 +171,29 @@ def _end_with_parent():
         pass
 
 
+def _daemon_link(ip):
+    """The veth pair carrying DAEMON_ADDRESS (no IPv6 link-local address: 127.0.0.0/8 only)."""
+    a, b = DAEMON_LINK
+    steps = [["link", "add", a, "type", "veth", "peer", "name", b],
+             ["link", "set", a, "addrgenmode", "none"], ["link", "set", b, "addrgenmode", "none"],
+             ["addr", "add", f"{DAEMON_ADDRESS}/32", "dev", a],
+             ["link", "set", a, "up"], ["link", "set", b, "up"]]
+    for step in steps:
+        out = subprocess.run([ip] + step, capture_output=True, text=True)
+        if out.returncode != 0:
+            return f"'ip {' '.join(step)}' failed: {out.stderr.strip()}"
+    return ""
+
+
 def _netns(argv):
-    """Inside the job's new namespace: ``lo`` up, its rate limited, then exec the launch command."""
-    rate = None
-    if argv[:1] == ["--rate"]:
-        rate, argv = argv[1], argv[2:]
+    """Inside the job's new namespace: ``lo`` up, its rate limited, with ``--daemon-link`` the
+    daemons' link (Open MPI), then exec the launch command."""
+    rate, daemon_link = None, False
+    while argv[:1] in (["--rate"], ["--daemon-link"]):
+        if argv[0] == "--rate":
+            rate, argv = argv[1], argv[2:]
+        else:
+            daemon_link, argv = True, argv[1:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
     _end_with_parent()
@@ -172,6 +201,10 @@ def _netns(argv):
     out = subprocess.run([ip, "link", "set", "lo", "up"], capture_output=True, text=True)
     if out.returncode != 0:
         _say(f"error: cannot bring up lo in the job's network namespace: {out.stderr.strip()}")
+        return 1
+    why = _daemon_link(ip) if daemon_link else ""
+    if why:
+        _say(f"error: cannot give Open MPI's daemons their link in the job's network namespace: {why}")
         return 1
     if rate:
         shape = [tc, "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", rate,
@@ -184,7 +217,8 @@ def _netns(argv):
 
 
 def _node(argv):
-    """Hydra's "ssh": skip ssh's options, take the host, run the remote command as that node."""
+    """Hydra's or PRRTE's "ssh": skip ssh's options, take the host, run the remote command as
+    that node."""
     while argv and argv[0].startswith("-"):
         argv = argv[1:]
     if len(argv) < 2:
@@ -288,7 +322,7 @@ def cut_link(job, node_a, node_b, ip=None):
 
 
 def main(argv=None):
-    """``python -m mpidp.launch._simhelper netns [--rate R] -- CMD...`` | ``node SSH-ARGS...``."""
+    """``python -m mpidp.launch._simhelper netns [--rate R] [--daemon-link] -- CMD...`` | ``node SSH-ARGS...``."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["netns"]:
         return _netns(argv[1:])
@@ -297,6 +331,6 @@ def main(argv=None):
     if argv[:1] == ["cut"] and len(argv) == 4:
         print(" ".join(map(str, cut_link(argv[1], int(argv[2]), int(argv[3])))))
         return 0
-    print("usage: python -m mpidp.launch._simhelper netns [--rate R] -- CMD... | node SSH-ARGS... | "
+    print("usage: python -m mpidp.launch._simhelper netns [--rate R] [--daemon-link] -- CMD... | node SSH-ARGS... | "
           "cut JOB NODE_A NODE_B", file=sys.stderr)
     return 2

