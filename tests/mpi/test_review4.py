@@ -8,7 +8,7 @@ import pytest
 import mpidp
 from mpidp.comm import collectives
 
-from test_hierarchical import hooked, topo  # noqa: F401  (fixtures: one host's ranks split into fake nodes)
+from test_hierarchical import topo  # noqa: F401  (the fixture: one host's ranks split into fake nodes)
 
 
 @pytest.mark.parametrize("twice", ["same array", "two views of one array"])
@@ -75,26 +75,6 @@ def test_grouped_plan_follows_alone_bytes(monkeypatch):
     monkeypatch.setattr(collectives, "ALONE_BYTES", 16)
     mpidp.grouped_allreduce_(ins, op=mpidp.Sum, name="alone bytes")
     assert sizes == [12, 5]
-
-
-
-def test_a_joined_rank_gathers_the_way_the_others_checked(hooked):
-    """A joined rank takes part in an allgather the way the others' checked signature says ("hierarchical
-    from"), not by its own crossover (which differs here: it would gather flat while they go through the
-    nodes, a hang), as its part in an allreduce follows their checked path."""
-    if not hooked.even:
-        pytest.skip(f"layout {hooked.describe()} gathers flat whatever the crossover")
-    comm = hooked.comm
-    size, rank = comm.Get_size(), comm.Get_rank()
-    if rank == size - 1:
-        hooked.set_from(None)
-        mpidp.join()
-        return
-    x = numpy.full((rank + 1, 40), float(rank))
-    got = mpidp.allgather(x, name="joined, another crossover")
-    numpy.testing.assert_array_equal(got, numpy.concatenate([numpy.full((r + 1, 40), float(r))
-                                                             for r in range(size - 1)]))
-    mpidp.join()
 
 
 class _DeviceArray:
