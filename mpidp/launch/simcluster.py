@@ -9,6 +9,9 @@ its TCP BTL over ``lo``, so that traffic really crosses the loopback device. The
 in its own network namespace (``unshare -n`` as root, ``unshare -rn`` otherwise where user
 namespaces are allowed), where ``netns`` brings up ``lo`` and limits its rate with ``tc``
 (token bucket): shared memory inside a node is untouched, so only inter-node traffic is shaped.
+With ``--link-model per-node`` (``node_links``) each node instead runs in a network namespace of
+its own, joined to the job's namespace by its own veth pair shaped at both ends: a full-duplex
+link per node.
 Only 127.0.0.0/8 addresses are used, inside the job's own namespace.
 
 Nothing here initialises MPI. ``python -m mpidp.launch._simhelper netns|node|cut ...`` runs the
@@ -196,7 +199,7 @@ def _daemon_link(ip):
 def _mac(ip, dev, netns=None):
     out = subprocess.run(_in(netns) + [ip, "-o", "link", "show", "dev", dev], capture_output=True, text=True)
     m = re.search(r"link/ether ([0-9a-f:]+)", out.stdout)
-    return m.group(1) if m else "00:00:00:00:00:00"
+    return m.group(1) if m else None
 
 
 def _in(netns):
@@ -242,9 +245,12 @@ def node_links(nodes, rate, folder):
             if why:
                 return why
         # no ARP for 127.0.0.0/8 between namespaces: each end knows the other's MAC address
-        steps = [_in(ns) + [ip, "neigh", "replace", HUB_ADDRESS, "lladdr", _mac(ip, hub), "dev", NODE_LINK,
+        macs = _mac(ip, hub), _mac(ip, NODE_LINK, ns)
+        if None in macs:
+            return f"no MAC address of {hub} or of node {i}'s {NODE_LINK}"
+        steps = [_in(ns) + [ip, "neigh", "replace", HUB_ADDRESS, "lladdr", macs[0], "dev", NODE_LINK,
                             "nud", "permanent"],
-                 [ip, "neigh", "replace", address, "lladdr", _mac(ip, NODE_LINK, ns), "dev", hub, "nud", "permanent"]]
+                 [ip, "neigh", "replace", address, "lladdr", macs[1], "dev", hub, "nud", "permanent"]]
         if shape:
             steps += [[tc, "qdisc", "replace", "dev", hub] + shape, _in(ns) + [tc, "qdisc", "replace", "dev", NODE_LINK] + shape]
         for step in steps:
@@ -391,6 +397,9 @@ def cut_link(job, node_a, node_b, ip=None):
     if os.environ.get("MPIDP_SIM_NETNS") != "1":
         raise LaunchError("cut_link changes routing rules: it runs only inside a simulated job's own "
                           "network namespace (mpidprun --simulate-nodes as root or with user namespaces)")
+    if os.environ.get(ENV_LINKS):
+        raise LaunchError("cut_link blackholes ports in the caller's namespace, which with --link-model per-node "
+                          "is one node's own: it was not built for per-node links; use the shared link model")
     ip = ip or _tool("ip")
     rules = subprocess.run([ip, "rule", "show"], capture_output=True, text=True, check=True).stdout
     if re.search(r"^0:\s+from all lookup local", rules, re.M):
