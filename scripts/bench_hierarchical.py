@@ -4,6 +4,7 @@ own algorithms.
     python scripts/bench_hierarchical.py                        # 2x2, 3x1, 2+1 at 2 Gbit/s (root, MPICH)
     python scripts/bench_hierarchical.py --layouts 2x2 --rate 2gbit --reps 5 --out docs/figures/NAME
     python scripts/bench_hierarchical.py --collective allgather # sizes: bytes gathered in all
+    python scripts/bench_hierarchical.py --link-model per-node  # each node its own full-duplex link
 
 Each layout runs as its own set of jobs in a fresh network namespace (``unshare -n``; only
 127.0.0.0/8 there): Hydra starts node k's ranks as host 127.0.0.(k+2) through a stand-in for
@@ -16,6 +17,11 @@ hierarchical, and auto (MPIDP_HIERARCHICAL=auto: the default crossover, the tune
 left empty); one more job per MPICH algorithm setting times raw ``comm.Allreduce`` under
 it. Times are the median over reps of the slowest rank (mpidp's modes and raw interleaved
 rep by rep); ratios compare within one run.
+
+With ``--link-model per-node`` each node instead runs in a network namespace of its own with its own
+veth link to a hub, shaped at both ends (``mpidprun --link-model per-node``, built by
+``mpidp.launch.simcluster.node_links``): each node has a full-duplex link of the rate, as on a
+switch, and Hydra's proxies start through mpidprun's node helper.
 """
 import argparse
 import csv
@@ -111,12 +117,15 @@ def in_namespace(args, layout):
             f.write(FAKE_SSH)
         os.chmod(ssh, 0o755)
         inner = [sys.executable, os.path.abspath(__file__), "--jobs", "--layouts", layout, "--reps", str(args.reps),
-                 "--collective", args.collective,
+                 "--collective", args.collective, "--link-model", args.link_model,
                  "--sizes", ",".join(map(str, args.sizes)), "--fake-ssh", ssh, "--rate", args.rate]
         shaping = (f"ip link set lo up && tc qdisc add dev lo root tbf rate {args.rate} burst 512kb latency 50ms"
                    if args.rate != "none" else "ip link set lo up")
-        script = f"{shaping} && exec {shlex.join(inner)}"
-        done = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True,
+        if args.link_model == "per-node":  # the links are built inside (jobs); their namespaces go with this one's mounts
+            unshare, script = ["unshare", "--net", "--uts", "--mount"], f"exec {shlex.join(inner)}"
+        else:
+            unshare, script = ["unshare", "-n"], f"{shaping} && exec {shlex.join(inner)}"
+        done = subprocess.run(unshare + ["sh", "-c", script], capture_output=True, text=True,
                               timeout=args.timeout)
         if done.returncode != 0:
             sys.exit(f"layout {layout}: the jobs failed (exit {done.returncode}):\n{done.stdout[-3000:]}"
@@ -130,13 +139,27 @@ def jobs(args):
     hosts = ",".join(f"127.0.0.{k + 2}:{n}" for k, n in enumerate(per_node))
     env = dict(os.environ, MPIR_CVAR_CH4_NETMOD="ofi", FI_PROVIDER="tcp", MPIR_CVAR_ENABLE_HEAVY_YIELD="1",
                MPIDP_HIERARCHICAL="auto", MPIDP_AUTOTUNE_CACHE=os.path.join(os.path.dirname(args.fake_ssh), "none"))
+    ssh, localhost, link_vars = args.fake_ssh, [], []
+    if args.link_model == "per-node":
+        from mpidp.launch import simcluster
+
+        folder = os.path.join(os.path.dirname(args.fake_ssh), "netns")
+        why = simcluster.node_links(len(per_node), None if args.rate == "none" else args.rate, folder)
+        if why:
+            sys.exit(f"layout {args.layouts}: no per-node links: {why}")
+        ssh = os.path.join(os.path.dirname(args.fake_ssh), "simnode")  # mpidprun's node helper enters node k
+        with open(ssh, "w") as f:
+            f.write(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m mpidp.launch._simhelper node \"$@\"\n")
+        os.chmod(ssh, 0o755)
+        env.update(MPIDP_SIM_NETNS="1", MPIDP_SIM_LINKS=folder, FI_TCP_IFACE=simcluster.NODE_LINK)
+        localhost, link_vars = ["-localhost", simcluster.HUB_ADDRESS], ["FI_TCP_IFACE"]
     rows = []
     settings = MPICH_ALLGATHER_SETTINGS if args.collective == "allgather" else MPICH_SETTINGS
     for setting, cvars in [("default", {})] + list(settings.items()):
         names = ["MPIR_CVAR_CH4_NETMOD", "FI_PROVIDER", "MPIR_CVAR_ENABLE_HEAVY_YIELD", "PYTHONPATH",
-                 "MPIDP_HIERARCHICAL", "MPIDP_AUTOTUNE_CACHE"] + list(cvars)
+                 "MPIDP_HIERARCHICAL", "MPIDP_AUTOTUNE_CACHE"] + link_vars + list(cvars)
         cmd = [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-launcher", "ssh", "-launcher-exec",
-               args.fake_ssh, "-hosts", hosts, "-n", str(sum(per_node)), "-genvlist", ",".join(names),
+               ssh] + localhost + ["-hosts", hosts, "-n", str(sum(per_node)), "-genvlist", ",".join(names),
                sys.executable, os.path.abspath(__file__), "--worker", "--reps", str(args.reps), "--collective",
                args.collective,
                "--sizes", ",".join(map(str, args.sizes))] + (["--mpidp"] if setting == "default" else [])
@@ -149,7 +172,7 @@ def jobs(args):
         tuned = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("TUNED ")]
         for r in json.loads(found[-1][5:]):
             r["mode"] = f"MPICH {setting}" if r["mode"] == "raw" else r["mode"]
-            rows.append(dict(r, layout=args.layouts, rate=args.rate, collective=args.collective,
+            rows.append(dict(r, layout=args.layouts, rate=args.rate, collective=args.collective, link_model=args.link_model,
                              **({"tuned_from": tuned[0]} if tuned else {})))
     print(json.dumps(rows))
 
@@ -160,8 +183,11 @@ def table(rows):
     for layout in dict.fromkeys(r["layout"] for r in rows):
         mine = [r for r in rows if r["layout"] == layout]
         modes = list(dict.fromkeys(r["mode"] for r in mine))
-        out.append(f"\n{mine[0].get('collective', 'allreduce')}, layout {layout}, inter-node link: tc tbf rate {mine[0]['rate']} on the namespace's "
-                   f"loopback (both directions share it); milliseconds, median over reps of the slowest rank")
+        link = (f"a full-duplex link per node: tc tbf rate {mine[0]['rate']} on both ends of each node's veth"
+                if mine[0].get("link_model") == "per-node" else
+                f"tc tbf rate {mine[0]['rate']} on the namespace's loopback (both directions share it)")
+        out.append(f"\n{mine[0].get('collective', 'allreduce')}, layout {layout}, inter-node link: {link}; "
+                   f"milliseconds, median over reps of the slowest rank")
         tuned = [r["tuned_from"] for r in mine if "tuned_from" in r]
         if tuned:
             out.append(f"mpidp auto: hierarchical from {tuned[0]} bytes on (MPIDP_HIERARCHICAL=auto with an empty "
@@ -186,6 +212,9 @@ def main():
     ap.add_argument("--layouts", default="2x2,3x1,2+1", help="comma-separated: NxR (N nodes of R ranks) or A+B+...")
     ap.add_argument("--rate", default="2gbit", help="tc rate of the inter-node link, or 'none'")
     ap.add_argument("--collective", choices=["allreduce", "allgather"], default="allreduce")
+    ap.add_argument("--link-model", choices=["shared", "per-node"], default="shared",
+                    help="shared: one shaped loopback for all nodes and both directions; per-node: each node "
+                         "its own full-duplex link (as mpidprun --link-model)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="message sizes in bytes")
     ap.add_argument("--out", default="", help="write STEM.csv, STEM.md (the tables) and STEM.png "
@@ -211,7 +240,8 @@ def main():
         print("\n".join(part), flush=True)
     if args.out:
         with open(args.out + ".csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["collective", "layout", "rate", "bytes", "mode", "seconds", "tuned_from"])
+            w = csv.DictWriter(f, fieldnames=["collective", "layout", "rate", "link_model", "bytes", "mode", "seconds",
+                                              "tuned_from"])
             w.writeheader()
             w.writerows(rows)
         with open(args.out + ".md", "w") as f:
@@ -235,8 +265,9 @@ def plot(path, rows, collective="allreduce"):
                      {"linestyle": "--", "alpha": 0.6} if mode != "MPICH default" else {"color": "black", "marker": "x"})
             lines.append((mode, [p[0] for p in pts], [p[1] for p in pts], style))
         panels.append((f"{layout}: time / MPICH default", lines))
+    link = ("a full-duplex link per node" if rows[0].get("link_model") == "per-node" else "one link shared by both directions")
     bu.plot(path, panels, title=f"{collective} (float32) on a simulated cluster, MPICH OFI/TCP, inter-node link "
-                                f"tc tbf {rows[0]['rate']} shared by both directions; below 1: faster than MPICH's default")
+                                f"tc tbf {rows[0]['rate']}, {link}; below 1: faster than MPICH's default")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ def build_parser():
     p.add_argument("--link-rate", metavar="RATE",
                    help="with --simulate-nodes: limit the link between the nodes, e.g. 2gbit or 100mbit "
                         "(tc token bucket; needs root or user namespaces, else runs unshaped)")
+    p.add_argument("--link-model", choices=_sim.LINK_MODELS, default="shared",
+                   help="with --simulate-nodes: 'shared' (default): one loopback shaped as one link that "
+                        "all nodes and both directions share; 'per-node' (MPICH, needs the job's own "
+                        "namespace): each node in a namespace of its own with its own full-duplex link")
     p.add_argument("-x", dest="env", action="append", default=[], metavar="VAR[=VALUE]",
                    help="forward VAR (its value here, or VALUE) to every rank; repeatable")
     p.add_argument("--oversubscribe", action="store_true",
@@ -241,6 +245,9 @@ def plan(args, environ=None):
     if args.link_rate is not None and args.simulate_nodes is None:
         raise LaunchError(f"--link-rate {args.link_rate} shapes the link between simulated nodes; "
                           f"give --simulate-nodes too")
+    if args.link_model != "shared" and args.simulate_nodes is None:
+        raise LaunchError(f"--link-model {args.link_model} is a model of the links between simulated "
+                          f"nodes; give --simulate-nodes too")
     env = _forwarded_env(args.env, environ)
     source, hosts = _hosts_of(args, environ)
     np = _ranks(args, source, hosts, environ)
@@ -283,8 +290,8 @@ def plan(args, environ=None):
 
 
 def _simulated(args, launcher, np, env, environ, notes):
-    """(layout, rate, unshare prefix) of --simulate-nodes; MPICH is told to cross nodes over TCP
-    (Open MPI is told so on its command line, see ``_command``)."""
+    """(layout, rate, unshare prefix, link model) of --simulate-nodes; MPICH is told to cross nodes
+    over TCP (Open MPI is told so on its command line, see ``_command``)."""
     layout = _sim.parse_layout(args.simulate_nodes, np)
     rate = _sim.check_rate(args.link_rate) if args.link_rate else None
     if launcher not in ("mpich", "openmpi"):
@@ -306,6 +313,17 @@ def _simulated(args, launcher, np, env, environ, notes):
         raise LaunchError(f"--simulate-nodes with Open MPI needs the job's own network namespace, "
                           f"which is not available here ({why}); run as root, allow user namespaces, "
                           f"or use MPICH")
+    per_node = args.link_model == "per-node"
+    if per_node and launcher != "mpich":
+        raise LaunchError(f"--link-model per-node runs MPICH's Hydra proxies in the nodes' own namespaces; "
+                          f"it was not built for {_mpiexec.NAMES.get(launcher, launcher)}: use --mpi mpich "
+                          f"or the shared link model")
+    if per_node and prefix is None:
+        raise LaunchError(f"--link-model per-node needs the job's own network namespace, which is not "
+                          f"available here ({why}); run as root, allow user namespaces, or use the shared "
+                          f"link model")
+    if per_node:  # libfabric's TCP provider on the node's link, never on its lo
+        env.setdefault("FI_TCP_IFACE", environ.get("FI_TCP_IFACE", _sim.NODE_LINK))
     where = "; ".join(f"node {i} at {addr} ({n} rank{'s' * (n > 1)})"
                       for i, (addr, n) in enumerate(layout.hosts()))
     notes.append(f"simulated cluster {layout}: {where}")
@@ -314,9 +332,12 @@ def _simulated(args, launcher, np, env, environ, notes):
                      f"they talk over this machine's loopback"
                      + (f", and --link-rate {rate} is not applied" if rate else "")
                      + ", with one host name")
+    elif per_node:
+        notes.append(f"a namespace per node, each with its own full-duplex link to a hub"
+                     + (f", limited to {rate} each way (tc tbf on both ends)" if rate else " (unshaped)"))
     elif rate:
         notes.append(f"inter-node link limited to {rate} (tc tbf on the namespace's lo)")
-    return layout, rate, prefix
+    return layout, rate, prefix, args.link_model
 
 
 def _agent_script(path):
@@ -333,7 +354,7 @@ def _command(p, program, hostfile_path):
                                      srun_pmi=p.srun_pmi)
     if p.sim is None:
         return command
-    layout, rate, prefix = p.sim
+    layout, rate, prefix, model = p.sim
     job = os.path.dirname(hostfile_path)
     agent = os.path.join(job, "simnode")
     if p.launcher == "openmpi":  # PRRTE starts a prted per node through the agent
@@ -342,13 +363,22 @@ def _command(p, program, hostfile_path):
             start += ["--mca", key, value]
     else:
         start = ["-launcher", "ssh", "-launcher-exec", agent]
+    per_node = model == "per-node"
+    if per_node:  # mpiexec stays in the hub: the nodes' proxies reach it there
+        start += ["-localhost", _sim.HUB_ADDRESS]
     argv = command.argv[:1] + start + command.argv[1:]
     env = dict(command.env, **{_sim.ENV_JOB: job})
+    if per_node:
+        env[_sim.ENV_LINKS] = os.path.join(job, "netns")
     if prefix is not None:
         env["MPIDP_SIM_NETNS"] = "1"
-        argv = prefix + [sys.executable, "-m", "mpidp.launch._simhelper", "netns"] + (
+        # per-node: the nodes' namespaces are bound to files in a mount namespace of the job's own,
+        # so that they go when the job does
+        argv = prefix[:-1] + (["--mount"] if per_node else []) + prefix[-1:] + [
+            sys.executable, "-m", "mpidp.launch._simhelper", "netns"] + (
             ["--rate", rate] if rate else []) + (
-            ["--daemon-link"] if p.launcher == "openmpi" else []) + ["--"] + argv
+            ["--daemon-link"] if p.launcher == "openmpi" else []) + (
+            ["--per-node", str(len(layout.ranks))] if per_node else []) + ["--"] + argv
     return _mpiexec.Command(argv, env, command.hostfile)
 
 

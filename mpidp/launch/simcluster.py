@@ -9,6 +9,9 @@ its TCP BTL over ``lo``, so that traffic really crosses the loopback device. The
 in its own network namespace (``unshare -n`` as root, ``unshare -rn`` otherwise where user
 namespaces are allowed), where ``netns`` brings up ``lo`` and limits its rate with ``tc``
 (token bucket): shared memory inside a node is untouched, so only inter-node traffic is shaped.
+With ``--link-model per-node`` (``node_links``) each node instead runs in a network namespace of
+its own, joined to the job's namespace by its own veth pair shaped at both ends: a full-duplex
+link per node.
 Only 127.0.0.0/8 addresses are used, inside the job's own namespace.
 
 Nothing here initialises MPI. ``python -m mpidp.launch._simhelper netns|node|cut ...`` runs the
@@ -26,7 +29,8 @@ from ..errors import LaunchError
 
 __all__ = ["Layout", "parse_layout", "isolation", "shaping_available", "node_address",
            "node_name", "RATE_PATTERN", "MPICH_TCP_ENV", "OPENMPI_TCP_MCA", "OPENMPI_YIELD",
-           "check_rate", "node_processes", "listening_ports", "cut_link", "main"]
+           "check_rate", "node_processes", "listening_ports", "cut_link", "LINK_MODELS", "HUB_ADDRESS",
+           "NODE_LINK", "node_links", "main"]
 
 FIRST_OCTET = 2          # node i is 127.0.0.(2 + i); 127.0.0.1 stays the launcher's own address
 MAX_NODES = 250
@@ -46,6 +50,13 @@ OPENMPI_YIELD = "OMPI_MCA_mpi_yield_when_idle"  # set when the nodes' ranks outn
 # local, so it crosses lo too.
 DAEMON_LINK = ("simoob0", "simoob1")
 DAEMON_ADDRESS = "127.0.0.254"
+# --link-model per-node: every node in a network namespace of its own, joined to the job's
+# namespace (the hub, a switch) by its own veth pair shaped at both ends, so each node has a
+# full-duplex link of the given rate; mpiexec stays in the hub at HUB_ADDRESS
+LINK_MODELS = ("shared", "per-node")
+HUB_ADDRESS = "127.0.0.254"
+NODE_LINK = "simlink"              # a node's end of its link: the same name in every node's namespace
+ENV_LINKS = "MPIDP_SIM_LINKS"      # per-node model: the folder where node i's namespace is bound at node<i>
 ENV_NODE = "MPIDP_SIM_NODE"        # set on every process of a simulated node: its index
 ENV_JOB = "MPIDP_SIM_JOB"          # set on every process of the job: the job's scratch folder
 
@@ -185,18 +196,98 @@ def _daemon_link(ip):
     return ""
 
 
+def _mac(ip, dev, netns=None):
+    out = subprocess.run(_in(netns) + [ip, "-o", "link", "show", "dev", dev], capture_output=True, text=True)
+    m = re.search(r"link/ether ([0-9a-f:]+)", out.stdout)
+    return m.group(1) if m else None
+
+
+def _in(netns):
+    return [_tool("nsenter"), f"--net={netns}"] if netns else []
+
+
+def node_links(nodes, rate, folder):
+    """In the job's namespace (the hub), as root there and with a mount namespace of the job's own:
+    a network namespace per node bound at ``folder``/node<i>, each joined to the hub by its own veth
+    pair (``NODE_LINK`` in the node at 127.0.0.(2 + i), simhub<i> in the hub), each end's egress
+    limited to ``rate`` by tc tbf: a full-duplex link per node. 127.0.0.0/8 is routed between the
+    namespaces (route_localnet), the hub forwards between the links and has HUB_ADDRESS; inside a
+    node, lo keeps only 127.0.0.1. Returns '' or why it failed."""
+    ip, tc, sysctl = _tool("ip"), _tool("tc"), _tool("sysctl")
+    if not (ip and tc and sysctl and _tool("nsenter")):
+        return "ip, tc, sysctl and nsenter are needed (Debian/Ubuntu: apt-get install iproute2 procps util-linux)"
+    localnet = ["net.ipv4.conf.all.route_localnet=1", "net.ipv4.conf.default.route_localnet=1"]
+    shape = ["root", "tbf", "rate", rate, "burst", TBF_BURST, "latency", TBF_LATENCY] if rate else None
+    # 127.0.0.1/8 on lo would make all of 127/8 local: keep only the namespace's own addresses there
+    steps = [[ip, "link", "set", "lo", "up"], [ip, "addr", "del", "127.0.0.1/8", "dev", "lo"],
+             [ip, "addr", "add", "127.0.0.1/32", "dev", "lo"], [ip, "addr", "add", f"{HUB_ADDRESS}/32", "dev", "lo"],
+             [sysctl, "-qw", "net.ipv4.ip_forward=1"] + localnet]
+    for step in steps:
+        why = _step(step)
+        if why:
+            return why
+    os.makedirs(folder, exist_ok=True)
+    for i in range(nodes):
+        ns, hub, address = os.path.join(folder, f"node{i}"), f"simhub{i}", node_address(i)
+        open(ns, "w").close()
+        steps = [[_tool("unshare"), f"--net={ns}", "true"],
+                 [ip, "link", "add", hub, "type", "veth", "peer", "name", NODE_LINK, "netns", ns],
+                 [ip, "link", "set", hub, "addrgenmode", "none"], [ip, "link", "set", hub, "up"],
+                 [ip, "route", "add", f"{address}/32", "dev", hub, "src", HUB_ADDRESS]]
+        inside = [[ip, "link", "set", "lo", "up"], [ip, "addr", "del", "127.0.0.1/8", "dev", "lo"],
+                  [ip, "addr", "add", "127.0.0.1/32", "dev", "lo"], [sysctl, "-qw"] + localnet,
+                  [ip, "link", "set", NODE_LINK, "addrgenmode", "none"],
+                  [ip, "addr", "add", f"{address}/32", "dev", NODE_LINK], [ip, "link", "set", NODE_LINK, "up"],
+                  [ip, "route", "add", "127.0.0.0/8", "via", HUB_ADDRESS, "dev", NODE_LINK, "onlink", "src", address]]
+        steps += [_in(ns) + step for step in inside]
+        for step in steps:
+            why = _step(step)
+            if why:
+                return why
+        # no ARP for 127.0.0.0/8 between namespaces: each end knows the other's MAC address
+        macs = _mac(ip, hub), _mac(ip, NODE_LINK, ns)
+        if None in macs:
+            return f"no MAC address of {hub} or of node {i}'s {NODE_LINK}"
+        steps = [_in(ns) + [ip, "neigh", "replace", HUB_ADDRESS, "lladdr", macs[0], "dev", NODE_LINK,
+                            "nud", "permanent"],
+                 [ip, "neigh", "replace", address, "lladdr", macs[1], "dev", hub, "nud", "permanent"]]
+        if shape:
+            steps += [[tc, "qdisc", "replace", "dev", hub] + shape, _in(ns) + [tc, "qdisc", "replace", "dev", NODE_LINK] + shape]
+        for step in steps:
+            why = _step(step)
+            if why:
+                return why
+    return ""
+
+
+def _step(argv):
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode != 0:
+        return f"'{' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv))}' failed: {out.stderr.strip()}"
+    return ""
+
+
 def _netns(argv):
     """Inside the job's new namespace: ``lo`` up, its rate limited, with ``--daemon-link`` the
-    daemons' link (Open MPI), then exec the launch command."""
-    rate, daemon_link = None, False
-    while argv[:1] in (["--rate"], ["--daemon-link"]):
+    daemons' link (Open MPI), with ``--per-node K`` K nodes with a link each (``node_links``),
+    then exec the launch command."""
+    rate, daemon_link, per_node = None, False, 0
+    while argv[:1] in (["--rate"], ["--daemon-link"], ["--per-node"]):
         if argv[0] == "--rate":
             rate, argv = argv[1], argv[2:]
+        elif argv[0] == "--per-node":
+            per_node, argv = int(argv[1]), argv[2:]
         else:
             daemon_link, argv = True, argv[1:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
     _end_with_parent()
+    if per_node:
+        why = node_links(per_node, rate, os.environ[ENV_LINKS])
+        if why:
+            _say(f"error: cannot give the {per_node} simulated nodes their own links: {why}")
+            return 1
+        os.execvp(argv[0], argv)
     ip, tc = _tool("ip"), _tool("tc")
     out = subprocess.run([ip, "link", "set", "lo", "up"], capture_output=True, text=True)
     if out.returncode != 0:
@@ -239,8 +330,10 @@ def _node(argv):
     if os.environ.get("MPIDP_SIM_NETNS") == "1":
         # in the job's UTS namespace: each node gets one of its own, with its own host name
         script = 'hostname "$0" && exec sh -c "$1"'
-        os.execvpe(_tool("unshare"), [_tool("unshare"), "--uts", "--", "sh", "-c", script,
-                                      node_name(index), command], env)
+        links = os.environ.get(ENV_LINKS)  # per-node links: and the node's own network namespace
+        enter = _in(os.path.join(links, f"node{index}")) if links else []
+        os.execvpe(enter[0] if enter else _tool("unshare"),
+                   enter + [_tool("unshare"), "--uts", "--", "sh", "-c", script, node_name(index), command], env)
     os.execvpe("sh", ["sh", "-c", command], env)
 
 
@@ -304,6 +397,9 @@ def cut_link(job, node_a, node_b, ip=None):
     if os.environ.get("MPIDP_SIM_NETNS") != "1":
         raise LaunchError("cut_link changes routing rules: it runs only inside a simulated job's own "
                           "network namespace (mpidprun --simulate-nodes as root or with user namespaces)")
+    if os.environ.get(ENV_LINKS):
+        raise LaunchError("cut_link blackholes ports in the caller's namespace, which with --link-model per-node "
+                          "is one node's own: it was not built for per-node links; use the shared link model")
     ip = ip or _tool("ip")
     rules = subprocess.run([ip, "rule", "show"], capture_output=True, text=True, check=True).stdout
     if re.search(r"^0:\s+from all lookup local", rules, re.M):
@@ -322,7 +418,8 @@ def cut_link(job, node_a, node_b, ip=None):
 
 
 def main(argv=None):
-    """``python -m mpidp.launch._simhelper netns [--rate R] [--daemon-link] -- CMD...`` | ``node SSH-ARGS...``."""
+    """``python -m mpidp.launch._simhelper netns [--rate R] [--daemon-link] [--per-node K] -- CMD...`` |
+    ``node SSH-ARGS...``."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["netns"]:
         return _netns(argv[1:])
@@ -331,6 +428,7 @@ def main(argv=None):
     if argv[:1] == ["cut"] and len(argv) == 4:
         print(" ".join(map(str, cut_link(argv[1], int(argv[2]), int(argv[3])))))
         return 0
-    print("usage: python -m mpidp.launch._simhelper netns [--rate R] [--daemon-link] -- CMD... | node SSH-ARGS... | "
+    print("usage: python -m mpidp.launch._simhelper netns [--rate R] [--daemon-link] [--per-node K] -- CMD... | "
+          "node SSH-ARGS... | "
           "cut JOB NODE_A NODE_B", file=sys.stderr)
     return 2

@@ -3,7 +3,9 @@ collectives against NumPy. Run by tests/process/test_simcluster.py as
 ``mpidprun --simulate-nodes LAYOUT python simcluster_job.py OUTDIR``; each rank writes OUTDIR/rank-<r>.json."""
 import json
 import os
+import re
 import socket
+import subprocess
 import sys
 import time
 
@@ -62,10 +64,18 @@ check("reducescatter", mpidp.reducescatter(np.arange(m * 2, dtype=np.float64).re
       full[start:start + count])
 
 
-def lo_bytes():
-    """Bytes received on lo: /proc/net/dev shows the reader's network namespace (the job's own)."""
+def lo_bytes(dev="lo", field=0):
+    """Bytes received (field 8: sent) on ``dev``: /proc/net/dev shows the reader's network namespace
+    (the job's own, or with per-node links the node's own)."""
     with open("/proc/net/dev") as f:
-        return next(int(line.split(":")[1].split()[0]) for line in f if line.strip().startswith("lo:"))
+        return next(int(line.split(":")[1].split()[field]) for line in f if line.strip().startswith(dev + ":"))
+
+
+def tbf_stats(dev):
+    """(bytes sent, overlimits) of the tc token bucket on ``dev`` in this rank's namespace."""
+    out = subprocess.run(["tc", "-s", "qdisc", "show", "dev", dev], capture_output=True, text=True).stdout
+    m = re.search(r"qdisc tbf .*?Sent (\d+) bytes .*?overlimits (\d+)", out, re.S)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 # a raw MPI Allreduce: between nodes its bytes cross the (shaped) loopback, inside a node they do not
@@ -76,6 +86,20 @@ MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, payload)
 MPI.COMM_WORLD.Barrier()
 seen["lo_bytes"], seen["payload_bytes"] = lo_bytes() - before, payload.nbytes
 check("raw Allreduce", payload, np.full(1 << 21, size * (size + 1) / 2, np.float32))
+
+if os.environ.get("MPIDP_SIM_LINKS"):  # --link-model per-node: a 64 MiB Allreduce over each node's own link
+    big = np.full(1 << 24, rank + 1, np.float32)
+    MPI.COMM_WORLD.Barrier()
+    before = lo_bytes(), lo_bytes("simlink"), lo_bytes("simlink", 8), tbf_stats("simlink")
+    start = time.perf_counter()
+    MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, big)
+    seen["big_seconds"] = MPI.COMM_WORLD.allreduce(time.perf_counter() - start, op=MPI.MAX)
+    MPI.COMM_WORLD.Barrier()
+    after = lo_bytes(), lo_bytes("simlink"), lo_bytes("simlink", 8), tbf_stats("simlink")
+    seen["big"] = {"bytes": big.nbytes, "lo": after[0] - before[0], "link_rx": after[1] - before[1],
+                   "link_tx": after[2] - before[2], "tbf_sent": after[3][0] - before[3][0],
+                   "tbf_overlimits": after[3][1] - before[3][1]}
+    check("raw Allreduce 64 MiB", big[::4096], np.full(1 << 12, size * (size + 1) / 2, np.float32))
 seen["failures"] = failures
 
 # timeline clocks: every rank's "after" span starts after every rank's "before" span ended

@@ -101,6 +101,39 @@ def test_topology_scratch_timeline_and_collectives(tmp_path, layout, ranks, mpi)
     assert first_after >= last_before_end, "the merged clocks put a span after the barrier before one ahead of it"
 
 
+@needs_shaping
+def test_per_node_links_give_each_node_its_own_shaped_full_duplex_link(tmp_path):
+    """--link-model per-node on 2x2: the same topology, and a 64 MiB Allreduce crosses each node's own
+    link (at least its size each way: a node needs something of every element from the other), through
+    the node's token bucket, and none of it crosses a node's lo."""
+    rc, out, err, _ = mpidprun("--simulate-nodes", "2x2", "--link-rate", "2gbit", "--link-model", "per-node", "-v",
+                               sys.executable, JOB, tmp_path, timeout=180, env=QUIET)
+    assert rc == 0, f"{out}\n{err}"
+    assert "a namespace per node, each with its own full-duplex link to a hub, limited to 2gbit" in err, err
+    seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(4)]
+    for r, (s, (node, local, lsize, cross, csize)) in enumerate(zip(seen, expected_topology((2, 2)))):
+        got = (s["rank"], s["size"], s["local_rank"], s["local_size"], s["cross_rank"], s["cross_size"])
+        assert got == (r, 4, local, lsize, cross, csize), f"rank {r}: {s}"
+        assert (s["shared"], s["node"], s["hostname"]) == (2, str(node), simcluster.node_name(node)), s
+        assert s["failures"] == [], f"rank {r}: {s['failures']}"
+        big = s["big"]
+        assert big["link_rx"] >= big["bytes"] and big["link_tx"] >= big["bytes"], f"rank {r}: {big}"
+        assert big["tbf_sent"] >= big["bytes"] and big["tbf_overlimits"] > 0, f"rank {r}: not shaped: {big}"
+        assert big["lo"] < big["bytes"] // 64, f"rank {r}: {big['lo']} bytes on the node's lo"
+    assert seen[0]["big"] != seen[2]["big"], "both nodes reported the same link"
+
+
+def test_dry_run_shows_per_node_links():
+    rc, out, err, _ = mpidprun("--simulate-nodes", "2,1", "--link-rate", "100mbit", "--link-model", "per-node",
+                               "--dry-run", sys.executable, "-c", "pass")
+    if simcluster.isolation()[0] is None:
+        assert rc == 2 and "--link-model per-node needs the job's own network namespace" in err, err
+        return
+    assert rc == 0, err
+    assert "-localhost 127.0.0.254" in out and "-genv FI_TCP_IFACE simlink" in out, out
+    assert "--mount" in out and "netns --rate 100mbit --per-node 2 --" in out, out
+
+
 @pytest.mark.parametrize("args,message", [
     (["--simulate-nodes", "3", "-np", "4"], "4 ranks do not split evenly over 3 nodes; give the ranks per node, e.g. 2+1+1"),
     (["--simulate-nodes", "2x2", "-np", "3"], "runs 4 ranks but -np 3 was given"),
@@ -109,6 +142,9 @@ def test_topology_scratch_timeline_and_collectives(tmp_path, layout, ranks, mpi)
     (["--simulate-nodes", "2x2", "--link-rate", "fast"], "is not a rate; give e.g. 2gbit"),
     (["-np", "2", "--link-rate", "2gbit"], "give --simulate-nodes too"),
     (["--simulate-nodes", "2x2", "-H", "a:2"], "not allowed with argument"),
+    (["-np", "2", "--link-model", "per-node"], "--link-model per-node is a model of the links between simulated"),
+    (["--simulate-nodes", "2x2", "--link-model", "star"], "invalid choice: 'star'"),
+    (["--mpi", "openmpi", "--simulate-nodes", "2x2", "--link-model", "per-node"], "it was not built for Open MPI"),
 ])
 def test_bad_arguments_start_nothing(args, message):
     rc, out, err, _ = mpidprun(*args, sys.executable, "-c", "pass")
@@ -158,6 +194,9 @@ def test_open_mpi_without_a_namespace_is_refused(monkeypatch):
         cli.plan(args, environ={"PATH": os.environ["PATH"]})
     args.mpi = "mpich"
     assert cli.plan(args, environ={"PATH": os.environ["PATH"]}).sim[2] is None
+    args.link_model = "per-node"
+    with pytest.raises(LaunchError, match=r"--link-model per-node needs the job's own network namespace"):
+        cli.plan(args, environ={"PATH": os.environ["PATH"]})
 
 
 def test_layouts():
