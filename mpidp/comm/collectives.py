@@ -327,8 +327,9 @@ def _allreduce_general(x, op, name, prescale_factor, postscale_factor, process_s
     if key is not None:
         _keep_plan(eng, key, signature, x, op, prescale_factor, postscale_factor, inplace, mop, post, path)
 
-    carry = ((recv.host if send is None else send.host) if _carries(comm, path, x.dtype, x.nbytes) and later == 1.0
-             else None)
+    # (carried only from checked fields: with a prescale the caller's own array is scaled after the check)
+    carry = ((recv.host if send is None else send.host)
+             if _carries(comm, path, x.dtype, x.nbytes) and prescale_factor == 1.0 else None)
 
     def carried():
         check.reduce_carried(eng, recv.host, mop, mpi_type(x.dtype))

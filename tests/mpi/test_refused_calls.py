@@ -88,3 +88,15 @@ def test_a_factor_of_the_wrong_type_is_refused_on_the_short_path_too(rank, size,
         fn(arg, op=mpidp.Sum, name="dec", postscale_factor=decimal.Decimal(2))
     got = mpidp.allreduce(numpy.full(3, rank + 1.0), op=mpidp.Sum)
     numpy.testing.assert_allclose(got, numpy.full(3, size * (size + 1) / 2))
+
+
+def test_in_place_prescaled_small_allreduce_with_contiguous_and_strided_inputs(rank, size):
+    """Whether a small message travels in the check may depend only on checked fields: an in-place
+    prescaled call on a contiguous array (scaled once the ranks agree, so not carried) facing one on
+    a strided view (scaled in a copy first) must still make the same MPI calls (it hung)."""
+    base = numpy.arange(8, dtype=numpy.float64) + rank
+    x = base[::2] if rank % 2 else base[:4].copy()  # odd ranks: a strided view
+    want = 2.0 * sum((numpy.arange(8, dtype=numpy.float64) + r)[::2] if r % 2 else
+                     (numpy.arange(8, dtype=numpy.float64) + r)[:4] for r in range(size))
+    got = mpidp.allreduce_(x, op=mpidp.Sum, name="pre", prescale_factor=2.0)
+    numpy.testing.assert_allclose(got, want)
