@@ -144,17 +144,23 @@ def isolation():
     if missing:
         return None, f"{' and '.join(missing)} not found (Debian/Ubuntu: apt-get install util-linux iproute2)"
     unshare = _tool("unshare")
-    if os.geteuid() == 0:
-        return [unshare, "--net", "--uts", "--"], "root: own network namespace"
-    probe = [unshare, "--map-root-user", "--net", "--uts", "--", "true"]
-    try:
-        out = subprocess.run(probe, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"not root and '{' '.join(probe[:-2])}' failed ({exc})"
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"not root and user namespaces are not allowed here ({last})"
-    return probe[:-1], "user namespace: own network namespace"
+    # root without CAP_SYS_ADMIN (a default Docker container) cannot unshare as itself, but often
+    # can through a user namespace: each is tried, never assumed
+    tries = [([unshare, "--net", "--uts", "--"], "root: own network namespace")] if os.geteuid() == 0 else []
+    tries.append(([unshare, "--map-root-user", "--net", "--uts", "--"], "user namespace: own network namespace"))
+    failed = []
+    for prefix, what in tries:
+        try:
+            out = subprocess.run(prefix + ["true"], capture_output=True, text=True, timeout=10,
+                                 stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            failed.append(f"'{' '.join(prefix[:-1])}' failed ({exc})")
+            continue
+        if out.returncode == 0:
+            return prefix, what
+        failed.append(f"'{' '.join(prefix[:-1])}': {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+    who = "root without the right to unshare" if os.geteuid() == 0 else "not root"
+    return None, f"{who} and user namespaces are not allowed here ({'; '.join(failed)})"
 
 
 def shaping_available():

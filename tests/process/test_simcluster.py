@@ -3,6 +3,7 @@ scratch, core sharing, timeline and collectives on 2x2, 3x1, 1x3 and 2+1 layouts
 launcher's checks. Shaping needs root or user namespaces; tests that need it skip with the reason."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,6 +198,22 @@ def test_open_mpi_without_a_namespace_is_refused(monkeypatch):
     args.link_model = "per-node"
     with pytest.raises(LaunchError, match=r"--link-model per-node needs the job's own network namespace"):
         cli.plan(args, environ={"PATH": os.environ["PATH"]})
+
+
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not SETPRIV, reason="needs root and setpriv (util-linux) to drop CAP_SYS_ADMIN")
+def test_root_without_cap_sys_admin_uses_a_user_namespace_or_says_why(tmp_path):
+    """Root without CAP_SYS_ADMIN (a default Docker container) cannot 'unshare --net': isolation() said
+    'root: own network namespace' all the same and every job ended with 'unshare: unshare failed'. The
+    prefix it gives must work (a user namespace does there), or it must say why there is none."""
+    code = ("import subprocess, sys\nfrom mpidp.launch import simcluster\nprefix, why = simcluster.isolation()\n"
+            "ok = prefix is not None and subprocess.run(prefix + ['true'], capture_output=True).returncode == 0\n"
+            "print(prefix, why)\nsys.exit(0 if ok or prefix is None else 1)\n")
+    out = subprocess.run([SETPRIV, "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60, cwd=HERE.parents[1], env=clean_env())
+    assert out.returncode == 0, f"isolation() gave a prefix that fails: {out.stdout}{out.stderr}"
 
 
 def test_layouts():
