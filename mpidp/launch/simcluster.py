@@ -49,6 +49,7 @@ OPENMPI_YIELD = "OMPI_MCA_mpi_yield_when_idle"  # set when the nodes' ranks outn
 # It is not a node's address (PRRTE would take that node for its own host), and traffic to it is
 # local, so it crosses lo too.
 DAEMON_LINK = ("simoob0", "simoob1")
+SSH_VALUE_OPTIONS = "BbcDEeFIiJLlmOoPpQRSWw"  # ssh's options that take a value (PRRTE passes plm_ssh_args)
 DAEMON_ADDRESS = "127.0.0.254"
 # --link-model per-node: every node in a network namespace of its own, joined to the job's
 # namespace (the hub, a switch) by its own veth pair shaped at both ends, so each node has a
@@ -316,8 +317,13 @@ def _netns(argv):
 def _node(argv):
     """Hydra's or PRRTE's "ssh": skip ssh's options, take the host, run the remote command as
     that node."""
-    while argv and argv[0].startswith("-"):
-        argv = argv[1:]
+    while argv and argv[0].startswith("-") and argv[0] != "--":
+        flags, argv = argv[0][1:], argv[1:]
+        for i, flag in enumerate(flags):  # '-xT', '-p 22', '-p22', '-o Key=value'
+            if flag in SSH_VALUE_OPTIONS:
+                argv = argv[1:] if i == len(flags) - 1 else argv
+                break
+    argv = argv[1:] if argv[:1] == ["--"] else argv
     if len(argv) < 2:
         _say(f"error: simulated ssh got no host and command: {argv}")
         return 255

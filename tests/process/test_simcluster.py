@@ -216,6 +216,20 @@ def test_root_without_cap_sys_admin_uses_a_user_namespace_or_says_why(tmp_path):
     assert out.returncode == 0, f"isolation() gave a prefix that fails: {out.stdout}{out.stderr}"
 
 
+@pytest.mark.parametrize("options", [["-x"], ["-x", "-o", "StrictHostKeyChecking=no", "-p", "22"],
+                                     ["-xT", "-p22", "-l", "me"]])
+def test_the_node_helper_skips_ssh_options_with_their_values(options):
+    """PRRTE passes its plm_ssh_args (PRTE_MCA_plm_ssh_args, often '-o StrictHostKeyChecking=no' on a
+    cluster) before the host: an option's value was taken for the host ('StrictHostKeyChecking=no is not
+    a simulated node address') and no daemon started."""
+    env = clean_env()
+    env.pop("MPIDP_SIM_NETNS", None)  # no namespace: the helper runs the command as node 1 here
+    out = subprocess.run([sys.executable, "-m", "mpidp.launch._simhelper", "node", *options, "127.0.0.3",
+                          "echo", "node", "$MPIDP_SIM_NODE"], capture_output=True, text=True, timeout=60,
+                         cwd=HERE.parents[1], env=env)
+    assert (out.returncode, out.stdout) == (0, "node 1\n"), out.stderr
+
+
 def test_layouts():
     assert simcluster.parse_layout("2x2") == ((2, 2),)
     assert simcluster.parse_layout("2,1").ranks == (2, 1) == simcluster.parse_layout("2+1").ranks
