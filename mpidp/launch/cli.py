@@ -367,6 +367,8 @@ def _command(p, program, hostfile_path):
     if per_node:  # mpiexec stays in the hub: the nodes' proxies reach it there
         start += ["-localhost", _sim.HUB_ADDRESS]
     argv = command.argv[:1] + start + command.argv[1:]
+    if p.launcher == "openmpi":  # a site's btl_tcp_if_exclude beside if_include lo: Open MPI refuses both
+        argv = [shutil.which("env") or "env", "-u", _sim.OPENMPI_TCP_EXCLUDE] + argv
     env = dict(command.env, **{_sim.ENV_JOB: job})
     if per_node:
         env[_sim.ENV_LINKS] = os.path.join(job, "netns")

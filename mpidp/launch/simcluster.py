@@ -28,7 +28,8 @@ from typing import NamedTuple
 from ..errors import LaunchError
 
 __all__ = ["Layout", "parse_layout", "isolation", "shaping_available", "node_address",
-           "node_name", "RATE_PATTERN", "MPICH_TCP_ENV", "OPENMPI_TCP_MCA", "OPENMPI_YIELD",
+           "node_name", "RATE_PATTERN", "MPICH_TCP_ENV", "OPENMPI_TCP_MCA", "OPENMPI_TCP_EXCLUDE",
+           "OPENMPI_YIELD",
            "check_rate", "node_processes", "listening_ports", "cut_link", "LINK_MODELS", "HUB_ADDRESS",
            "NODE_LINK", "node_links", "main"]
 
@@ -43,6 +44,7 @@ MPICH_TCP_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp"}
 # Open MPI: ob1 with shared memory inside a node and TCP over lo between nodes (its UCX PML, like
 # MPICH's, would use shared memory between these "nodes" too: one host to it)
 OPENMPI_TCP_MCA = {"pml": "ob1", "btl": "self,sm,tcp", "btl_tcp_if_include": "lo"}
+OPENMPI_TCP_EXCLUDE = "OMPI_MCA_btl_tcp_if_exclude"  # dropped from the job's env: Open MPI refuses it beside include
 OPENMPI_YIELD = "OMPI_MCA_mpi_yield_when_idle"  # set when the nodes' ranks outnumber the cores
 # PRRTE's daemons never use a loopback interface for their own (out-of-band) TCP channel, and
 # would find none: a veth pair in the job's namespace carries one more 127.0.0.0/8 address for it.

@@ -203,7 +203,8 @@ def test_open_mpi_without_a_namespace_is_refused(monkeypatch):
 SETPRIV = shutil.which("setpriv")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not SETPRIV, reason="needs root and setpriv (util-linux) to drop CAP_SYS_ADMIN")
+@pytest.mark.skipif(os.geteuid() != 0 or not SETPRIV,
+                    reason="needs root and setpriv (util-linux) to drop CAP_SYS_ADMIN")
 def test_root_without_cap_sys_admin_uses_a_user_namespace_or_says_why(tmp_path):
     """Root without CAP_SYS_ADMIN (a default Docker container) cannot 'unshare --net': isolation() said
     'root: own network namespace' all the same and every job ended with 'unshare: unshare failed'. The
@@ -211,8 +212,8 @@ def test_root_without_cap_sys_admin_uses_a_user_namespace_or_says_why(tmp_path):
     code = ("import subprocess, sys\nfrom mpidp.launch import simcluster\nprefix, why = simcluster.isolation()\n"
             "ok = prefix is not None and subprocess.run(prefix + ['true'], capture_output=True).returncode == 0\n"
             "print(prefix, why)\nsys.exit(0 if ok or prefix is None else 1)\n")
-    out = subprocess.run([SETPRIV, "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", sys.executable, "-c", code],
-                         capture_output=True, text=True, timeout=60, cwd=HERE.parents[1], env=clean_env())
+    out = subprocess.run([SETPRIV, "--inh-caps=-sys_admin", "--bounding-set=-sys_admin", sys.executable,
+                          "-c", code], capture_output=True, text=True, timeout=60, cwd=HERE.parents[1], env=clean_env())
     assert out.returncode == 0, f"isolation() gave a prefix that fails: {out.stdout}{out.stderr}"
 
 
@@ -228,6 +229,20 @@ def test_the_node_helper_skips_ssh_options_with_their_values(options):
                           "echo", "node", "$MPIDP_SIM_NODE"], capture_output=True, text=True, timeout=60,
                          cwd=HERE.parents[1], env=env)
     assert (out.returncode, out.stdout) == (0, "node 1\n"), out.stderr
+
+
+@needs_openmpi
+def test_open_mpi_runs_where_the_environment_excludes_tcp_interfaces(tmp_path):
+    """A site's OMPI_MCA_btl_tcp_if_exclude (Open MPI's FAQ suggests 'lo,docker0') beside the
+    simulated cluster's btl_tcp_if_include lo: Open MPI refused the two at once and every
+    Allreduce between nodes failed (MPI_ERR_INTERN)."""
+    prog = tmp_path / "sum.py"
+    prog.write_text("import numpy as np\nfrom mpi4py import MPI\nb = np.ones(1 << 16)\n"
+                    "MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, b)\nprint('sum', b[0], flush=True)\n")
+    exe, python, env = launch("openmpi")
+    rc, out, err, _ = mpidprun("--simulate-nodes", "2x1", python, prog, timeout=90, exe=exe,
+                               env=dict(QUIET, OMPI_MCA_btl_tcp_if_exclude="lo,docker0", **env))
+    assert rc == 0 and out.count("sum 2.0") == 2, f"{out}\n{err}"
 
 
 def test_layouts():
