@@ -322,8 +322,14 @@ def _simulated(args, launcher, np, env, environ, notes):
         raise LaunchError(f"--link-model per-node needs the job's own network namespace, which is not "
                           f"available here ({why}); run as root, allow user namespaces, or use the shared "
                           f"link model")
-    if per_node:  # libfabric's TCP provider on the node's link, never on its lo
-        env.setdefault("FI_TCP_IFACE", environ.get("FI_TCP_IFACE", _sim.NODE_LINK))
+    if prefix is not None and launcher == "mpich":
+        # libfabric's TCP provider on the node's link (never its lo), or on the job's lo: the job's
+        # namespace has no other interface, so a cluster's FI_TCP_IFACE=eth0 would fail MPI_Init
+        iface = _sim.NODE_LINK if per_node else "lo"
+        given = env.get("FI_TCP_IFACE", environ.get("FI_TCP_IFACE", iface))
+        if given != iface:
+            notes.append(f"FI_TCP_IFACE={given} replaced by {iface}: the job's namespace has no {given}")
+        env["FI_TCP_IFACE"] = iface
     where = "; ".join(f"node {i} at {addr} ({n} rank{'s' * (n > 1)})"
                       for i, (addr, n) in enumerate(layout.hosts()))
     notes.append(f"simulated cluster {layout}: {where}")

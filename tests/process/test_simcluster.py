@@ -245,6 +245,20 @@ def test_open_mpi_runs_where_the_environment_excludes_tcp_interfaces(tmp_path):
     assert rc == 0 and out.count("sum 2.0") == 2, f"{out}\n{err}"
 
 
+@needs_shaping
+@pytest.mark.parametrize("model", ["shared", "per-node"])
+def test_mpich_runs_where_the_environment_names_a_tcp_interface(tmp_path, model):
+    """A cluster's FI_TCP_IFACE=eth0 in the environment won over the simulated cluster's interface: the
+    job's namespace has no eth0 (only lo, and a node's link), so every rank failed in MPI_Init
+    ('OFI call ep_enable failed')."""
+    prog = tmp_path / "sum.py"
+    prog.write_text("import numpy as np\nfrom mpi4py import MPI\nb = np.ones(1 << 16)\n"
+                    "MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, b)\nprint('sum', b[0], flush=True)\n")
+    rc, out, err, _ = mpidprun("--simulate-nodes", "2x1", "--link-model", model, sys.executable, prog,
+                               timeout=90, env=dict(QUIET, FI_TCP_IFACE="eth0"))
+    assert rc == 0 and out.count("sum 2.0") == 2, f"{out}\n{err}"
+
+
 def test_layouts():
     assert simcluster.parse_layout("2x2") == ((2, 2),)
     assert simcluster.parse_layout("2,1").ranks == (2, 1) == simcluster.parse_layout("2+1").ranks
