@@ -364,7 +364,8 @@ def _command(p, program, hostfile_path):
     job = os.path.dirname(hostfile_path)
     agent = os.path.join(job, "simnode")
     if p.launcher == "openmpi":  # PRRTE starts a prted per node through the agent
-        start = ["--prtemca", "plm_ssh_agent", agent]
+        # the daemons keep to their link: a cluster's oob_tcp_if_include (eth0) is not in the namespace
+        start = ["--prtemca", "plm_ssh_agent", agent, "--prtemca", "oob_tcp_if_include", _sim.DAEMON_LINK[0]]
         for key, value in _sim.OPENMPI_TCP_MCA.items():  # wins over OMPI_MCA_* of the environment
             start += ["--mca", key, value]
     else:

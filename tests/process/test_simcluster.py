@@ -259,6 +259,19 @@ def test_mpich_runs_where_the_environment_names_a_tcp_interface(tmp_path, model)
     assert rc == 0 and out.count("sum 2.0") == 2, f"{out}\n{err}"
 
 
+@needs_openmpi
+def test_open_mpi_daemons_start_where_the_environment_names_their_interface(tmp_path):
+    """A cluster's PRTE_MCA_oob_tcp_if_include=eth0 (the daemons' network) named an interface the job's
+    namespace lacks: prterun ended at once ('No network interfaces were found for out-of-band
+    communications'). The daemons keep to their own link there."""
+    exe, python, env = launch("openmpi")
+    rc, out, err, _ = mpidprun("--simulate-nodes", "2x1", python, "-c",
+                               "import socket; from mpi4py import MPI; MPI.COMM_WORLD.Barrier(); "
+                               "print('on', socket.gethostname(), flush=True)", timeout=90, exe=exe,
+                               env=dict(QUIET, PRTE_MCA_oob_tcp_if_include="eth0", **env))
+    assert rc == 0 and sorted(out.split()) == ["on", "on", "simnode0", "simnode1"], f"{out}\n{err}"
+
+
 def test_layouts():
     assert simcluster.parse_layout("2x2") == ((2, 2),)
     assert simcluster.parse_layout("2,1").ranks == (2, 1) == simcluster.parse_layout("2+1").ranks
