@@ -602,6 +602,12 @@ def run(p, timeout=None, restarts=0, verbose=False):
             tails = [] if p.hosts and p.launcher != "srun" and teeable else None
             code, why = run_bounded(command.argv, env=dict(os.environ, **command.env),
                                     deadline=deadline, grace=GRACE_S, tails=tails)
+            if p.sim:  # ranks a lost node's daemon orphaned are no longer below mpiexec: the node is gone
+                for pid in _sim.job_processes(tmpdir):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
             if code != 0 and why == "exit" and tails:
                 lost = failed_host(p, tails[0].decode("utf-8", "replace") + tails[1].decode("utf-8", "replace"))
                 if lost:

@@ -27,11 +27,10 @@ from typing import NamedTuple
 
 from ..errors import LaunchError
 
-__all__ = ["Layout", "parse_layout", "isolation", "shaping_available", "node_address",
-           "node_name", "RATE_PATTERN", "MPICH_TCP_ENV", "OPENMPI_TCP_MCA", "OPENMPI_TCP_EXCLUDE",
-           "OPENMPI_YIELD",
-           "check_rate", "node_processes", "listening_ports", "cut_link", "LINK_MODELS", "HUB_ADDRESS",
-           "NODE_LINK", "node_links", "main"]
+__all__ = ["Layout", "parse_layout", "isolation", "shaping_available", "node_address", "node_name",
+           "RATE_PATTERN", "MPICH_TCP_ENV", "OPENMPI_TCP_MCA", "OPENMPI_TCP_EXCLUDE", "OPENMPI_YIELD",
+           "check_rate", "node_processes", "job_processes", "listening_ports", "cut_link", "LINK_MODELS",
+           "HUB_ADDRESS", "NODE_LINK", "node_links", "main"]
 
 FIRST_OCTET = 2          # node i is 127.0.0.(2 + i); 127.0.0.1 stays the launcher's own address
 MAX_NODES = 250
@@ -368,6 +367,21 @@ def node_processes(job, node, ranks_only=False):
         if want <= env and (is_rank or not ranks_only):
             pids.append(int(entry))
     return sorted(pids)
+
+
+def job_processes(job):
+    """Pids of every process of the job whose scratch folder is ``job`` (those a lost node's daemon
+    orphaned too: they are no longer below mpiexec)."""
+    want = f"{ENV_JOB}={job}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if entry.isdigit() and want in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
 
 
 def _socket_inodes(pids):
