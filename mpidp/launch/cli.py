@@ -322,8 +322,14 @@ def _simulated(args, launcher, np, env, environ, notes):
         raise LaunchError(f"--link-model per-node needs the job's own network namespace, which is not "
                           f"available here ({why}); run as root, allow user namespaces, or use the shared "
                           f"link model")
-    if per_node:  # libfabric's TCP provider on the node's link, never on its lo
-        env.setdefault("FI_TCP_IFACE", environ.get("FI_TCP_IFACE", _sim.NODE_LINK))
+    if prefix is not None and launcher == "mpich":
+        # libfabric's TCP provider on the node's link (never its lo), or on the job's lo: the job's
+        # namespace has no other interface, so a cluster's FI_TCP_IFACE=eth0 would fail MPI_Init
+        iface = _sim.NODE_LINK if per_node else "lo"
+        given = env.get("FI_TCP_IFACE", environ.get("FI_TCP_IFACE", iface))
+        if given != iface:
+            notes.append(f"FI_TCP_IFACE={given} replaced by {iface}: the job's namespace has no {given}")
+        env["FI_TCP_IFACE"] = iface
     where = "; ".join(f"node {i} at {addr} ({n} rank{'s' * (n > 1)})"
                       for i, (addr, n) in enumerate(layout.hosts()))
     notes.append(f"simulated cluster {layout}: {where}")
@@ -358,7 +364,8 @@ def _command(p, program, hostfile_path):
     job = os.path.dirname(hostfile_path)
     agent = os.path.join(job, "simnode")
     if p.launcher == "openmpi":  # PRRTE starts a prted per node through the agent
-        start = ["--prtemca", "plm_ssh_agent", agent]
+        # the daemons keep to their link: a cluster's oob_tcp_if_include (eth0) is not in the namespace
+        start = ["--prtemca", "plm_ssh_agent", agent, "--prtemca", "oob_tcp_if_include", _sim.DAEMON_LINK[0]]
         for key, value in _sim.OPENMPI_TCP_MCA.items():  # wins over OMPI_MCA_* of the environment
             start += ["--mca", key, value]
     else:
@@ -367,6 +374,8 @@ def _command(p, program, hostfile_path):
     if per_node:  # mpiexec stays in the hub: the nodes' proxies reach it there
         start += ["-localhost", _sim.HUB_ADDRESS]
     argv = command.argv[:1] + start + command.argv[1:]
+    if p.launcher == "openmpi":  # a site's btl_tcp_if_exclude beside if_include lo: Open MPI refuses both
+        argv = [shutil.which("env") or "env", "-u", _sim.OPENMPI_TCP_EXCLUDE] + argv
     env = dict(command.env, **{_sim.ENV_JOB: job})
     if per_node:
         env[_sim.ENV_LINKS] = os.path.join(job, "netns")
@@ -593,6 +602,12 @@ def run(p, timeout=None, restarts=0, verbose=False):
             tails = [] if p.hosts and p.launcher != "srun" and teeable else None
             code, why = run_bounded(command.argv, env=dict(os.environ, **command.env),
                                     deadline=deadline, grace=GRACE_S, tails=tails)
+            if p.sim:  # ranks a lost node's daemon orphaned are no longer below mpiexec: the node is gone
+                for pid in _sim.job_processes(tmpdir):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
             if code != 0 and why == "exit" and tails:
                 lost = failed_host(p, tails[0].decode("utf-8", "replace") + tails[1].decode("utf-8", "replace"))
                 if lost:

@@ -27,10 +27,10 @@ from typing import NamedTuple
 
 from ..errors import LaunchError
 
-__all__ = ["Layout", "parse_layout", "isolation", "shaping_available", "node_address",
-           "node_name", "RATE_PATTERN", "MPICH_TCP_ENV", "OPENMPI_TCP_MCA", "OPENMPI_YIELD",
-           "check_rate", "node_processes", "listening_ports", "cut_link", "LINK_MODELS", "HUB_ADDRESS",
-           "NODE_LINK", "node_links", "main"]
+__all__ = ["Layout", "parse_layout", "isolation", "shaping_available", "node_address", "node_name",
+           "RATE_PATTERN", "MPICH_TCP_ENV", "OPENMPI_TCP_MCA", "OPENMPI_TCP_EXCLUDE", "OPENMPI_YIELD",
+           "check_rate", "node_processes", "job_processes", "listening_ports", "cut_link", "LINK_MODELS",
+           "HUB_ADDRESS", "NODE_LINK", "node_links", "main"]
 
 FIRST_OCTET = 2          # node i is 127.0.0.(2 + i); 127.0.0.1 stays the launcher's own address
 MAX_NODES = 250
@@ -43,12 +43,14 @@ MPICH_TCP_ENV = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp"}
 # Open MPI: ob1 with shared memory inside a node and TCP over lo between nodes (its UCX PML, like
 # MPICH's, would use shared memory between these "nodes" too: one host to it)
 OPENMPI_TCP_MCA = {"pml": "ob1", "btl": "self,sm,tcp", "btl_tcp_if_include": "lo"}
+OPENMPI_TCP_EXCLUDE = "OMPI_MCA_btl_tcp_if_exclude"  # dropped from the job's env: Open MPI refuses it beside include
 OPENMPI_YIELD = "OMPI_MCA_mpi_yield_when_idle"  # set when the nodes' ranks outnumber the cores
 # PRRTE's daemons never use a loopback interface for their own (out-of-band) TCP channel, and
 # would find none: a veth pair in the job's namespace carries one more 127.0.0.0/8 address for it.
 # It is not a node's address (PRRTE would take that node for its own host), and traffic to it is
 # local, so it crosses lo too.
 DAEMON_LINK = ("simoob0", "simoob1")
+SSH_VALUE_OPTIONS = "BbcDEeFIiJLlmOoPpQRSWw"  # ssh's options that take a value (PRRTE passes plm_ssh_args)
 DAEMON_ADDRESS = "127.0.0.254"
 # --link-model per-node: every node in a network namespace of its own, joined to the job's
 # namespace (the hub, a switch) by its own veth pair shaped at both ends, so each node has a
@@ -144,17 +146,23 @@ def isolation():
     if missing:
         return None, f"{' and '.join(missing)} not found (Debian/Ubuntu: apt-get install util-linux iproute2)"
     unshare = _tool("unshare")
-    if os.geteuid() == 0:
-        return [unshare, "--net", "--uts", "--"], "root: own network namespace"
-    probe = [unshare, "--map-root-user", "--net", "--uts", "--", "true"]
-    try:
-        out = subprocess.run(probe, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"not root and '{' '.join(probe[:-2])}' failed ({exc})"
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"not root and user namespaces are not allowed here ({last})"
-    return probe[:-1], "user namespace: own network namespace"
+    # root without CAP_SYS_ADMIN (a default Docker container) cannot unshare as itself, but often
+    # can through a user namespace: each is tried, never assumed
+    tries = [([unshare, "--net", "--uts", "--"], "root: own network namespace")] if os.geteuid() == 0 else []
+    tries.append(([unshare, "--map-root-user", "--net", "--uts", "--"], "user namespace: own network namespace"))
+    failed = []
+    for prefix, what in tries:
+        try:
+            out = subprocess.run(prefix + ["true"], capture_output=True, text=True, timeout=10,
+                                 stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            failed.append(f"'{' '.join(prefix[:-1])}' failed ({exc})")
+            continue
+        if out.returncode == 0:
+            return prefix, what
+        failed.append(f"'{' '.join(prefix[:-1])}': {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+    who = "root without the right to unshare" if os.geteuid() == 0 else "not root"
+    return None, f"{who} and user namespaces are not allowed here ({'; '.join(failed)})"
 
 
 def shaping_available():
@@ -310,8 +318,13 @@ def _netns(argv):
 def _node(argv):
     """Hydra's or PRRTE's "ssh": skip ssh's options, take the host, run the remote command as
     that node."""
-    while argv and argv[0].startswith("-"):
-        argv = argv[1:]
+    while argv and argv[0].startswith("-") and argv[0] != "--":
+        flags, argv = argv[0][1:], argv[1:]
+        for i, flag in enumerate(flags):  # '-xT', '-p 22', '-p22', '-o Key=value'
+            if flag in SSH_VALUE_OPTIONS:
+                argv = argv[1:] if i == len(flags) - 1 else argv
+                break
+    argv = argv[1:] if argv[:1] == ["--"] else argv
     if len(argv) < 2:
         _say(f"error: simulated ssh got no host and command: {argv}")
         return 255
@@ -354,6 +367,21 @@ def node_processes(job, node, ranks_only=False):
         if want <= env and (is_rank or not ranks_only):
             pids.append(int(entry))
     return sorted(pids)
+
+
+def job_processes(job):
+    """Pids of every process of the job whose scratch folder is ``job`` (those a lost node's daemon
+    orphaned too: they are no longer below mpiexec)."""
+    want = f"{ENV_JOB}={job}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if entry.isdigit() and want in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
 
 
 def _socket_inodes(pids):
