@@ -261,7 +261,7 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
                                   wake)
     # a host array: through its cached plan, if the general path below kept one
     if type(prescale_factor) is not float or type(postscale_factor) is not float:  # (a Decimal equals a float key)
-        _arguments("allreduce", name if type(name) is str else None, prescale_factor, postscale_factor)
+        _arguments("allreduce", name, prescale_factor, postscale_factor)
     eng = _engine.engine
     comm = eng.comm
     if process_set is not None or comm is None or comm is not runtime._state.comm:
@@ -493,17 +493,15 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
     _, comm, eng, seq, name = _begin(process_set, "grouped_allreduce", name)
     tensors = list(tensors)
     host = bool(tensors) and set(map(type, tensors)) <= {numpy.ndarray}
+    _arguments("grouped_allreduce", given, prescale_factor, postscale_factor)  # (a Decimal equals a float key)
     key = _grouped_key(comm, tensors, op, given, prescale_factor, postscale_factor, inplace) if host else None
-    if type(prescale_factor) is not float or type(postscale_factor) is not float:  # (a Decimal equals a float key)
-        _arguments("grouped_allreduce", given if type(given) is str else None, prescale_factor, postscale_factor)
     try:
         plan = eng.plans.get(key) if key is not None else None
-    except TypeError:  # an unhashable argument: said below
+    except TypeError:  # an unhashable op: as_op says what is wrong with it
         plan = key = None
     if plan is None or (inplace and not all(map(_WRITEABLE, tensors))):
         plan = None
         op = as_op(op)
-        _arguments("grouped_allreduce", given, prescale_factor, postscale_factor)
         prescale_factor, postscale_factor = float(prescale_factor), float(postscale_factor)
         tensors, dtypes = _grouped_arrays(tensors, name, inplace)
         for dtype in dict.fromkeys(dtypes):

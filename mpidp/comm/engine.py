@@ -216,8 +216,7 @@ class Engine:
         self.progress.waiting = None
         with self._lock:
             self._busy = False
-            if self._queue or self._helpers or self._drainers or self._finishers or self._stopping:
-                self._cv.notify_all()  # (_notify, inline)
+            self._notify()
         _leave(outer)
 
     def help_until(self, handle):

@@ -339,7 +339,7 @@ def _simulated(args, launcher, np, env, environ, notes):
                      + (f", and --link-rate {rate} is not applied" if rate else "")
                      + ", with one host name")
     elif per_node:
-        notes.append(f"a namespace per node, each with its own full-duplex link to a hub"
+        notes.append("a namespace per node, each with its own full-duplex link to a hub"
                      + (f", limited to {rate} each way (tc tbf on both ends)" if rate else " (unshaped)"))
     elif rate:
         notes.append(f"inter-node link limited to {rate} (tc tbf on the namespace's lo)")
