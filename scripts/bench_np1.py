@@ -6,7 +6,7 @@ Three copies of one MLP (64 -> width -> width -> 10, batch 64) train side by sid
 interleaved round by round: the inner SGD alone, and wrapped in the DistributedOptimizer with
 overlap off and on. Each phase of a step (zero_grad, forward, backward, step) is timed; the
 medians over every timed step are printed with each mode's cost against the inner optimizer.
-bench_scaling.py measures the same at np=1 with one shared model and optimizer rebuilt per round.
+bench_scaling.py measures the same at np=1 on whole steps, with fewer steps per mode.
 """
 import argparse
 import time

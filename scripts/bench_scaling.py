@@ -6,7 +6,8 @@
 
 Each rank trains the same model on its own synthetic batches (a fixed per-rank
 batch, so the global batch grows with np) for a fixed number of steps. Inside
-one job four modes alternate round by round, so drift hits them alike: the
+one job four modes alternate round by round, so drift hits them alike; each
+trains its own copy of the model with its own optimizer, built once: the
 DistributedOptimizer with overlap on (bucket allreduces start from the
 gradient-ready hooks during backward) and off (everything exchanged in
 step()), the hand-written loop (every gradient into one buffer, one raw
@@ -61,43 +62,39 @@ def build(args):
 
 
 def worker(args):
-    """One job: rounds of (overlap on, overlap off) training; rank 0 prints a RESULT line of JSON."""
+    """One job: rounds of every mode's training; rank 0 prints a RESULT line of JSON."""
     import mpidp
     from mpidp import data, nn, optim
 
     mpidp.init()
     rank, size = mpidp.rank(), mpidp.size()
-    model, shape = build(args)
-    mpidp.broadcast_parameters(model, root_rank=0)
+    shape = build(args)[1]
     train = data.synthetic(args.batch * 8, shape=shape, seed=1 + rank)
     batches = [(train.x[i:i + args.batch], train.y[i:i + args.batch])
                for i in range(0, len(train.y), args.batch)]
-    inner = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     crit = nn.CrossEntropyLoss()
-    results = {mode: [] for mode in MODES}
-    params = [p for p in model.parameters() if p.requires_grad]
 
     class Plain:
         """The inner optimizer alone; with ``flat``, the hand-written loop of issue 21 before it: every
         gradient into one buffer, one raw Allreduce, divide, back into the gradients."""
         stats = {}
 
-        def __init__(self, flat):
-            self.flat = flat
+        def __init__(self, inner, params, flat):
+            self.inner, self.params, self.flat = inner, params, flat
 
         def zero_grad(self):
-            inner.zero_grad()
+            self.inner.zero_grad()
 
         def step(self):
             if self.flat:
-                buf = numpy.concatenate([p.grad.reshape(-1) for p in params])
+                buf = numpy.concatenate([p.grad.reshape(-1) for p in self.params])
                 MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
                 buf /= size
                 offset = 0
-                for p in params:
+                for p in self.params:
                     p.grad[...] = buf[offset:offset + p.grad.size].reshape(p.grad.shape)
                     offset += p.grad.size
-            inner.step()
+            self.inner.step()
 
         def hidden_fraction(self):
             return float("nan")
@@ -105,7 +102,21 @@ def worker(args):
         def close(self):
             pass
 
-    def run_steps(opt, n, k0):
+    def make(mode):
+        """Each mode trains its own copy of the model with its own optimizer, built once, as a training
+        loop does (one shared model with the DistributedOptimizer rebuilt every round measured the
+        rebuilding: 7% of a step at np=1 where bench_np1.py measures about 1%)."""
+        model = build(args)[0]
+        mpidp.broadcast_parameters(model, root_rank=0)
+        inner = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if mode in ("on", "off"):
+            return model, mpidp.DistributedOptimizer(inner, model=model, overlap=mode == "on")
+        return model, Plain(inner, [p for p in model.parameters() if p.requires_grad], flat=mode == "hand")
+
+    setups = {mode: make(mode) for mode in MODES}
+    results = {mode: [] for mode in MODES}
+
+    def run_steps(model, opt, n, k0):
         for k in range(n):
             x, y = batches[(k0 + k) % len(batches)]
             opt.zero_grad()
@@ -115,23 +126,22 @@ def worker(args):
 
     for r in range(args.rounds):
         for mode in MODES:
-            if mode in ("on", "off"):
-                opt = mpidp.DistributedOptimizer(inner, model=model, overlap=mode == "on")
-            else:
-                opt = Plain(flat=mode == "hand")
-            run_steps(opt, args.warmup, 0)
+            model, opt = setups[mode]
+            run_steps(model, opt, args.warmup, 0)
             for k in opt.stats:
                 opt.stats[k] = 0 if k in ("steps", "bytes") else 0.0
             mpidp.barrier()
             t0 = time.perf_counter()
-            run_steps(opt, args.steps, args.warmup)
+            run_steps(model, opt, args.steps, args.warmup)
             elapsed = mpidp.allreduce(numpy.array([time.perf_counter() - t0]), op=mpidp.Max)[0]
             comm = mpidp.allreduce(numpy.array([opt.stats.get("comm_s", 0.0), opt.stats.get("wait_s", 0.0)]),
                                    op=mpidp.Max)
             results[mode].append({"samples_s": size * args.batch * args.steps / elapsed,
                                   "step_ms": elapsed / args.steps * 1e3, "hidden": opt.hidden_fraction(),
                                   "comm_ms": comm[0] / args.steps * 1e3, "wait_ms": comm[1] / args.steps * 1e3})
-            opt.close()
+    model = setups["on"][0]
+    for _, opt in setups.values():
+        opt.close()
     if rank == 0:
         out = {"np": size, "params": model.num_parameters(), "rounds": results}
         print("RESULT " + json.dumps(out), flush=True)
