@@ -1,0 +1,156 @@
+"""Issue 21: a repeated host broadcast goes through its kept plan (the checked fields, their
+fingerprint and the root, made once), with the values of the general path and every mismatch it
+catches, on every rank, also where some ranks take the short path and others the general one."""
+import numpy
+import pytest
+
+import mpidp
+from mpidp.comm import check, collectives, engine as engine_mod, runtime
+
+from conftest import data
+
+
+def _plans():
+    return engine_mod.engine_for(runtime.get_comm()).plans
+
+
+def _broadcast_plans():
+    return [key for key in _plans() if key[0] == "broadcast"]
+
+
+def _expect_mismatch(call, field):
+    with pytest.raises(mpidp.MismatchError) as info:
+        call()
+    assert info.value.field == field, str(info.value)
+    assert 0 in info.value.ranks and 1 in info.value.ranks
+    assert mpidp.broadcast(numpy.arange(2.0) + mpidp.rank(), 0).tolist() == [0.0, 1.0]  # in step again
+
+
+# carried in the check's row, just over it (one Bcast), and big (a recycled result)
+SHAPES = {"carried": (3, 4), "over the row": ((check.ROW - 8) // 8 + 1,), "big": (300, 128), "0d": ()}
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "in place"])
+@pytest.mark.parametrize("dtype", ["float64", "int32", "bool", "complex64"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_repeated_broadcast_from_every_root(rank, size, shape, dtype, inplace):
+    fn = mpidp.broadcast_ if inplace else mpidp.broadcast
+    name = f"bp.{shape}.{dtype}.{inplace}"
+    for call in range(3):  # the first call of each root makes its plan, the others use it
+        for root in range(size):
+            mine = data(SHAPES[shape], dtype, 10 * call + rank)  # differs on every rank and call
+            x = mine.copy()
+            out = fn(x, root, name=name)
+            want = data(SHAPES[shape], dtype, 10 * call + root)
+            assert out.shape == SHAPES[shape] and out.dtype == numpy.dtype(dtype)
+            assert out.tobytes() == want.tobytes(), f"call {call} from root {root}"
+            if inplace:
+                assert out is x
+            else:
+                assert x.tobytes() == mine.tobytes(), "the input changed"
+    assert sum(key[4] == name for key in _broadcast_plans()) == size
+
+
+def test_plan_takes_strided_input_out_of_place_and_refuses_read_only_in_place(rank, size):
+    base = numpy.arange(24, dtype=numpy.float32).reshape(4, 6)
+    x = base + rank
+    for _ in range(3):
+        out = mpidp.broadcast(x[:, ::2], 0, name="strided")
+        assert out.flags.c_contiguous and out.tolist() == base[:, ::2].tolist()
+    y = x[:, :3].copy()
+    for _ in range(2):
+        mpidp.broadcast_(y, 0, name="ro")
+    y.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        mpidp.broadcast_(y, 0, name="ro")
+    z = x[:, ::2]  # in place on a strided view: the general path writes it back
+    assert mpidp.broadcast_(z, 0, name="ro") is z and z.tolist() == base[:, ::2].tolist()
+
+
+@pytest.mark.parametrize("field,change", [("root_rank", lambda a, r: (a, r)), ("shape", lambda a, r: (a[:-1], 0)),
+                                          ("dtype", lambda a, r: (a.astype(numpy.float32), 0)),
+                                          ("name", lambda a, r: (a, 0))])
+def test_plan_then_one_rank_changes_the_call(rank, size, field, change):
+    if size < 2:
+        pytest.skip("needs two ranks")
+    for n in (3, 40):  # carried, and a Bcast after the check
+        a = numpy.arange(float(n))
+        for _ in range(2):
+            mpidp.broadcast(a, 0, name="w")
+        args = change(a, 1) if rank == 1 else (a, 0)
+        name = "v" if field == "name" and rank == 1 else "w"
+        _expect_mismatch(lambda: mpidp.broadcast(*args, name=name), field)
+
+
+def test_plan_against_another_collective_and_a_skipped_one(rank, size):
+    if size < 2:
+        pytest.skip("needs two ranks")
+    a = numpy.ones(3)
+    for _ in range(2):
+        mpidp.broadcast_(a, 0, name="w")
+    _expect_mismatch(lambda: mpidp.allgather(a, name="w") if rank == 1 else mpidp.broadcast_(a, 0, name="w"),
+                     "collective")
+    eng = engine_mod.engine_for(runtime.get_comm())
+    if rank == 1:
+        eng.started()  # a collective numbered on rank 1 alone
+    with pytest.raises(mpidp.MismatchError, match="sequence number differs"):
+        mpidp.broadcast_(a, 0, name="w")
+    if rank != 1:
+        eng.started()
+
+
+def test_ranks_on_both_paths_agree(rank, size):
+    for n in (5, 40):
+        for inplace in (False, True):
+            fn = mpidp.broadcast_ if inplace else mpidp.broadcast
+            fn(numpy.arange(float(n)) * rank, size - 1, name="both")
+            if rank % 2:
+                _plans().clear()  # odd ranks forget their plans: the general path, the others the short one
+            for _ in range(2):
+                assert fn(numpy.arange(float(n)) * rank, size - 1, name="both").tolist() == \
+                    (numpy.arange(float(n)) * (size - 1)).tolist()
+
+
+def test_async_broadcasts_through_plans_keep_their_order(rank, size):
+    for _ in range(3):
+        xs = [numpy.full(n, float(rank * 10 + i)) for i, n in enumerate((1, 2, 40, 1))]
+        handles = [(mpidp.broadcast_async_ if i % 2 else mpidp.broadcast_async)(x, i % size, name=f"a{i}")
+                   for i, x in enumerate(xs)]
+        for i in reversed(range(4)):
+            got = mpidp.synchronize(handles[i])
+            assert got.tolist() == [float((i % size) * 10 + i)] * len(xs[i])
+            if i % 2:
+                assert got is xs[i]
+
+
+def test_plan_with_the_check_off_and_on_a_process_set(rank, size):
+    old = collectives.set_check(False)
+    try:
+        for k in range(3):
+            assert mpidp.broadcast(numpy.full(4, rank + k), 0, name="off").tolist() == [k] * 4
+    finally:
+        collectives.set_check(old)
+    if size < 2:
+        return
+    ps = mpidp.add_process_set(list(range(1, size)))
+    try:
+        if rank >= 1:
+            for k in range(3):  # root given as a job rank: set-local rank 0
+                got = mpidp.broadcast(numpy.full(3, 10 * rank + k), 1, name="ps", process_set=ps)
+                assert got.tolist() == [10 + k] * 3
+    finally:
+        mpidp.remove_process_set(ps)
+
+
+def test_plan_with_a_joined_rank(rank, size):
+    """A joined rank carries nothing: the broadcast goes as an MPI call, through the plan on the others."""
+    if size < 2:
+        pytest.skip("needs two ranks")
+    if rank == size - 1:
+        assert mpidp.join() == size - 2
+        return
+    for k in range(3):
+        for n in (2, 40):
+            got = mpidp.broadcast(numpy.arange(float(n)) + rank + k, 0, name="j")
+            assert got.tolist() == (numpy.arange(float(n)) + k).tolist()
+    assert mpidp.join() == size - 2
