@@ -551,6 +551,9 @@ def run_bounded(argv, env=None, deadline=None, grace=GRACE_S, tails=None):
 _HYDRA_FAILED = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*\n=\s*(?:EXIT CODE|KILLED BY SIGNAL): (\d+)")
 _OPENMPI_FAILED = re.compile(r"process\s+rank\s+(\d+)\s+with\s+PID\s+(\d+)\s+on\s+node\s+(\S+)\s+"
                              r"exited\s+on\s+signal\s+(\d+)")
+# PRRTE ends the job when it loses a node's daemon, then exits 0
+_PRTE_LOST = re.compile(r"PRTE\s+has\s+lost\s+communication\s+with\s+a\s+remote\s+daemon\.[\s\S]*?"
+                        r"Remote\s+daemon:\s*\S+\s+on\s+node\s+(\S+)")
 
 
 def failed_host(p, text):
@@ -562,10 +565,14 @@ def failed_host(p, text):
         what = f"a process there (pid {pid}) ended with exit code {code}"
     else:
         found = _OPENMPI_FAILED.search(text)
-        if not found:
-            return None
-        rank, pid, host, code = found.groups()
-        what = f"rank {rank} (pid {pid}) ended by signal {code}"
+        if found:
+            rank, pid, host, code = found.groups()
+            what = f"rank {rank} (pid {pid}) ended by signal {code}"
+        else:
+            found = _PRTE_LOST.search(text)
+            if not found:
+                return None
+            host, what = found.group(1), "mpiexec lost its daemon there (a lost node, or its network)"
         if p.sim:  # PRRTE names a simulated node by the host name its daemon reported
             host = {_sim.node_name(i): h.name for i, h in enumerate(p.hosts)}.get(host, host)
     where = _hosts.placement(p.hosts or [], p.np)
@@ -576,6 +583,23 @@ def failed_host(p, text):
         node = f"simulated node {[h.name for h in p.hosts].index(host)}: "
     return (f"host {host} ({node}{_hosts.ranks_text(where[host])}) failed: {what}, "
             f"and mpiexec ended the job")
+
+
+def lost_daemons(p, job):
+    """'host 127.0.0.3 (simulated node 1: ranks 2,3) failed: ...' for each simulated node whose daemon
+    died by a signal in this run (the node helper leaves a file saying so); the files are removed."""
+    where = _hosts.placement(p.hosts or [], p.np)
+    out = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(job), _sim.LOST + "*"))):
+        index = int(path.rsplit("-", 1)[1])
+        with open(path) as f:
+            signum = f.read().strip()
+        os.remove(path)
+        host = p.hosts[index].name
+        out.append(f"host {host} (simulated node {index}: {_hosts.ranks_text(where.get(host, []))}) failed: "
+                   f"its MPI daemon was killed by signal {signum}, so the node's ranks went with it "
+                   f"(a lost node), and the job ended")
+    return out
 
 
 def run(p, timeout=None, restarts=0, verbose=False):
@@ -608,8 +632,14 @@ def run(p, timeout=None, restarts=0, verbose=False):
                         os.kill(pid, signal.SIGKILL)
                     except OSError:
                         pass
-            if code != 0 and why == "exit" and tails:
-                lost = failed_host(p, tails[0].decode("utf-8", "replace") + tails[1].decode("utf-8", "replace"))
+            text = tails[0].decode("utf-8", "replace") + tails[1].decode("utf-8", "replace") if tails else ""
+            daemons = lost_daemons(p, tmpdir) if p.sim and why == "exit" else []
+            if code == 0 and why == "exit" and (daemons or _PRTE_LOST.search(text)):
+                code = 1  # prterun's status after it ended the job for a lost daemon: a failure, to restart
+            for lost in daemons:
+                _say(lost)
+            if code != 0 and why == "exit" and text and not daemons:
+                lost = failed_host(p, text)
                 if lost:
                     _say(lost)
             if why == "timeout":

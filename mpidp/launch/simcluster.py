@@ -179,13 +179,14 @@ def _say(message):
     print(f"mpidprun: {message}", file=sys.stderr, flush=True)
 
 
-def _end_with_parent():
-    """SIGTERM this process (then mpiexec: it survives exec) should mpidprun die without stopping
-    it, e.g. SIGKILLed by a test's timeout: Hydra then ends the job instead of leaving it running."""
+def _end_with_parent(signum=signal.SIGTERM):
+    """``signum`` to this process (and what it execs) should its parent die without stopping it: for
+    mpiexec, mpidprun SIGKILLed by a test's timeout (Hydra then ends the job instead of leaving it
+    running); for a node's daemon, its "ssh" killed (a real sshd hangs up the session)."""
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        libc.prctl(1, int(signum))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -345,9 +346,42 @@ def _node(argv):
         script = 'hostname "$0" && exec sh -c "$1"'
         links = os.environ.get(ENV_LINKS)  # per-node links: and the node's own network namespace
         enter = _in(os.path.join(links, f"node{index}")) if links else []
-        os.execvpe(enter[0] if enter else _tool("unshare"),
-                   enter + [_tool("unshare"), "--uts", "--", "sh", "-c", script, node_name(index), command], env)
-    os.execvpe("sh", ["sh", "-c", command], env)
+        return _as_ssh(enter + [_tool("unshare"), "--uts", "--", "sh", "-c", script, node_name(index), command],
+                       env, job, index)
+    return _as_ssh(["sh", "-c", command], env, job, index)
+
+
+LOST = "lost-node-"  # a file in the job's folder per node whose daemon died by a signal: what killed it
+
+
+def _as_ssh(argv, env, job, index):
+    """Run a node's command (its MPI daemon) as ssh would: stay its parent, pass signals on (it dies
+    with this process), and return its exit status, or 255 as ssh does when the connection drops.
+
+    A daemon that dies by a signal nobody sent through here is a lost node: its ranks go too, as
+    they would with the node (orphans would keep its pipes open, and Hydra would wait for them until
+    the job's timeout), and a file in the job's folder tells mpidprun, which ends with an error even
+    where mpiexec exits 0 (prterun does, after ending the job for a lost daemon)."""
+    child = subprocess.Popen(argv, env=env, preexec_fn=lambda: _end_with_parent(signal.SIGKILL))
+    forwarded = []
+
+    def forward(signum, frame):
+        forwarded.append(signum)
+        child.send_signal(signum)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    code = child.wait()
+    if code >= 0 or forwarded:
+        return code if code >= 0 else 128 - code
+    if job:
+        with open(os.path.join(job, f"{LOST}{index}"), "w") as f:
+            f.write(str(-code))
+        for pid in node_processes(job, index):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    return 255
 
 
 def node_processes(job, node, ranks_only=False):

@@ -311,13 +311,14 @@ def test_a_lost_node_daemon_leaves_no_ranks_running(tmp_path, mpi):
     assert not running, f"ranks {running} still ran after mpidprun returned ({rc}):\n{err[-2000:]}"
 
 
-@pytest.mark.xfail(strict=True, reason="open (review5): MPICH: Hydra's mpiexec waits until --timeout, as the "
-                   "orphaned ranks keep the 'ssh' (node helper) pipes open, where a real node's ssh would drop; "
-                   "Open MPI: prterun ends the job for the lost daemon but exits 0, so --restarts does not restart")
 @pytest.mark.parametrize("mpi", MPIS)
 def test_a_lost_node_daemon_ends_the_job_with_an_error(tmp_path, mpi):
+    """A lost node's daemon ends the job at once with an error naming the node (Hydra waited until
+    --timeout, the orphaned ranks holding the node helper's pipes; prterun exited 0)."""
     rc, seconds, err, _ = lose_node_1_daemon(tmp_path, mpi, timeout=35)
     assert rc != 0 and seconds < 30, f"rc {rc} after {seconds:.1f} s\n{err[-2000:]}"
+    assert "mpidprun: host 127.0.0.3 (simulated node 1: ranks 2,3) failed: its MPI daemon was killed by signal 9" \
+        in err, err[-2000:]
 
 
 def test_layouts():
