@@ -1,0 +1,151 @@
+"""Review 6: ranks that must not drift apart (training side), checked against NumPy."""
+import numpy
+import pytest
+
+import mpidp
+from mpidp import amp, nn, optim
+
+D, H, C, B = 5, 7, 3, 4
+
+
+def build(seed=0, dtype=numpy.float64):
+    model = nn.Sequential(nn.Linear(D, H, dtype=dtype), nn.Tanh(), nn.Linear(H, C, dtype=dtype))
+    rng = numpy.random.default_rng(seed)
+    for p in model.parameters():
+        p.data[...] = rng.standard_normal(p.shape) * 0.5
+    return model
+
+
+def local_grads(model, x, y):
+    crit = nn.CrossEntropyLoss()
+    model.zero_grad()
+    crit(model(x), y)
+    model.backward(crit.backward())
+    return [p.grad.copy() for p in model.parameters()]
+
+
+def data(r, n=B, seed=11):
+    rng = numpy.random.default_rng(seed + r)
+    return rng.standard_normal((n, D)), rng.integers(0, C, n)
+
+
+@pytest.mark.parametrize("op", ["sum", "average"])
+@pytest.mark.parametrize("predivide", [1.0, 4.0])
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_op_and_predivide_against_numpy(rank, size, op, predivide, compression):
+    model = build()
+    opt = mpidp.DistributedOptimizer(optim.SGD(model.parameters(), lr=1.0), model=model,
+                                     op=mpidp.Sum if op == "sum" else mpidp.Average,
+                                     gradient_predivide_factor=predivide,
+                                     compression=getattr(mpidp.Compression, compression),
+                                     fusion_threshold_bytes=64)
+    before = [p.data.copy() for p in model.parameters()]
+    opt.zero_grad()
+    x, y = data(rank)
+    crit = nn.CrossEntropyLoss()
+    crit(model(x), y)
+    model.backward(crit.backward())
+    opt.step()
+    grads = [local_grads(build(), *data(r)) for r in range(size)]
+    tol = 1e-12 if compression == "none" else 2e-3
+    for i, (p, b) in enumerate(zip(model.parameters(), before)):
+        total = sum(g[i] for g in grads)
+        want = b - (total if op == "sum" else total / size)
+        numpy.testing.assert_allclose(p.data, want, rtol=0, atol=tol * max(1, size if op == "sum" else 1))
+    mpidp.check_replicas(model)
+
+
+def one_step(model, opt, rank, seed=11):
+    crit = nn.CrossEntropyLoss()
+    opt.zero_grad()
+    x, y = data(rank, seed=seed)
+    crit(model(x), y)
+    model.backward(crit.backward())
+    opt.step()
+
+
+
+def _bn_reference(x, dy, gamma, beta, eps):
+    """NumPy BatchNorm over axis 1 of the whole batch: y, dx, dgamma, dbeta."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    n = x.size // x.shape[1]
+    mean = x.mean(axes)
+    var = x.var(axes)
+    inv = 1.0 / numpy.sqrt(var + eps)
+    xhat = (x - mean.reshape(shape)) * inv.reshape(shape)
+    y = xhat * gamma.reshape(shape) + beta.reshape(shape)
+    dgamma, dbeta = (dy * xhat).sum(axes), dy.sum(axes)
+    dx = gamma.reshape(shape) * inv.reshape(shape) / n * (
+        n * dy - dbeta.reshape(shape) - xhat * dgamma.reshape(shape))
+    return y, dx, dgamma, dbeta, mean, var * n / (n - 1)
+
+
+@pytest.mark.parametrize("shape", [(3,), (3, 5), (3, 2, 4)])
+def test_sync_batchnorm_uneven_batches_match_batchnorm_on_the_whole_batch(rank, size, shape):
+    """Rank r holds r + 1 rows (the last, uneven batch): outputs, input gradients, the summed
+    weight gradients and the running statistics are those of BatchNorm on all rows at once."""
+    counts = [0 if r == 1 else r + 2 for r in range(size)]
+    rng = numpy.random.default_rng(5)
+    x = rng.standard_normal((sum(counts),) + shape) * 2 + 1
+    dy = rng.standard_normal(x.shape)
+    lo, hi = sum(counts[:rank]), sum(counts[:rank + 1])
+    bn = mpidp.distributed.SyncBatchNorm(shape[0], dtype=numpy.float64)
+    bn.weight.data[...] = rng.standard_normal(shape[0])
+    bn.bias.data[...] = rng.standard_normal(shape[0])
+    y = bn(x[lo:hi])
+    dx = bn.backward(dy[lo:hi])
+    want = _bn_reference(x, dy, bn.weight.data, bn.bias.data, bn.eps)
+    numpy.testing.assert_allclose(y, want[0][lo:hi], rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(dx, want[1][lo:hi], rtol=0, atol=1e-12)
+    grads = mpidp.allreduce(numpy.concatenate([bn.weight.grad, bn.bias.grad]), op=mpidp.Sum)
+    numpy.testing.assert_allclose(grads, numpy.concatenate(want[2:4]), rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(bn.running_mean, 0.1 * want[4], rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(bn.running_var, 0.9 + 0.1 * want[5], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("given", ["distributed", "mixed_precision"])
+def test_broadcast_optimizer_state_of_mixed_precision_after_loading_on_the_root(rank, size, given):
+    """Horovod's resume: the root loads a checkpoint, then broadcast_optimizer_state. Masters, Adam's
+    step and the loss scale must come from the root: a rank that keeps its own loss scale sums
+    gradients scaled unlike the others' and unscales them by its own scale, and a step count that
+    differs gives another bias correction; the replicas part after the next step."""
+    model = build(dtype=numpy.float32)
+    mp = amp.MixedPrecision(model, optim.Adam(model.parameters(), lr=0.01), dtype="float16", init_scale=256.0)
+    opt = mpidp.DistributedOptimizer(mp, model=model)
+    mp.init_state()
+    saved = mp.state_dict()  # the checkpoint the root loads (every rank can make it alike)
+    for i, entry in saved["state"].items():
+        entry.update(step=7, exp_avg=entry["exp_avg"] + 0.01 * (i + 1), exp_avg_sq=entry["exp_avg_sq"] + 1e-4,
+                     master=entry["master"] + numpy.float32(0.001))
+    saved["loss_scaler"].update(scale=32.0, growth_tracker=5)
+    if rank == 0:
+        mp.load_state_dict(saved)
+    mpidp.broadcast_parameters(model, root_rank=0)
+    mpidp.broadcast_optimizer_state(opt if given == "distributed" else mp, root_rank=0)
+    got = {i: {k: numpy.copy(v) for k, v in e.items()} for i, e in mp.state_dict()["state"].items()}
+    scaler = mp.loss_scale, mp.scaler.growth_tracker
+    crit = nn.CrossEntropyLoss()
+    for s in range(2):
+        opt.zero_grad()
+        x, y = data(rank, seed=30 + s)
+        crit(model(x.astype(numpy.float16)), y)
+        model.backward(crit.backward(mp.loss_scale))
+        opt.step()
+    same = mpidp.allgather_object([p.data.tobytes() for p in model.parameters()])  # before any rank asserts
+    assert all(row == same[0] for row in same), "replicas differ after two steps"
+    assert scaler == (32.0, 5)
+    for i, entry in saved["state"].items():
+        assert got[i]["step"] == 7
+        for key in ("exp_avg", "exp_avg_sq", "master"):
+            numpy.testing.assert_array_equal(got[i][key], entry[key], err_msg=f"{i} {key}")
+
+
+def test_broadcast_optimizer_state_gives_a_sharded_mixed_precision_the_roots_loss_scale(rank, size):
+    model = build(dtype=numpy.float32)
+    mp = amp.MixedPrecision(model, optim.Adam(model.parameters(), lr=0.01), dtype="float16", init_scale=256.0)
+    opt = mpidp.ShardedOptimizer(mp, model=model, bucket_bytes=64)
+    if rank == 0:
+        mp.scaler.load_state_dict({"scale": 32.0, "growth_tracker": 5})
+    mpidp.broadcast_optimizer_state(opt, root_rank=0)
+    assert (mp.loss_scale, mp.scaler.growth_tracker) == (32.0, 5)
