@@ -65,6 +65,15 @@ class _Rounds:
         self._counts.reset()
         self._next_fire = 0
 
+    def _unsynchronized(self, bucket, param):
+        """Raise when a gradient arrives between synchronize() and step(): step() does not average
+        again, so it would apply this rank's own gradient (the replicas part)."""
+        if self._synchronized:
+            name = bucket.names[[id(p) for p in bucket.params].index(id(param))]
+            raise MpidpError(f"gradient of {name!r} was computed after synchronize() and before step(): "
+                             f"step() applies the gradients synchronize() averaged and would add this "
+                             f"rank's own; call step() or zero_grad() before the next backward")
+
     @contextlib.contextmanager
     def no_sync(self):
         """Accumulate gradients locally: no bucket starts inside (the next step communicates)."""
@@ -188,6 +197,7 @@ class DistributedOptimizer(_Rounds):
     # -- the hot path -----------------------------------------------------------------------------
     def _grad_ready(self, param):
         bucket = self._bucket_of[id(param)]
+        self._unsynchronized(bucket, param)
         if self._counts.add(bucket, param, self.backward_passes_per_step, bucket.index < self._next_fire,
                             not self._sync_off):
             self._fire_ready()

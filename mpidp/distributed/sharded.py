@@ -203,6 +203,7 @@ class ShardedOptimizer(_Rounds):
     # -- the hot path --------------------------------------------------------------------------
     def _grad_ready(self, param):
         bucket = self._bucket_of[id(param)]
+        self._unsynchronized(bucket, param)
         if self._counts.add(bucket, param, self.backward_passes_per_step, bucket.index < self._next_fire,
                             not self._sync_off):
             self._fire_ready()

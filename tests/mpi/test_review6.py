@@ -149,3 +149,32 @@ def test_broadcast_optimizer_state_gives_a_sharded_mixed_precision_the_roots_los
         mp.scaler.load_state_dict({"scale": 32.0, "growth_tracker": 5})
     mpidp.broadcast_optimizer_state(opt, root_rank=0)
     assert (mp.loss_scale, mp.scaler.growth_tracker) == (32.0, 5)
+
+
+@pytest.mark.parametrize("wrap", ["distributed", "sharded1", "sharded2"])
+def test_a_backward_between_synchronize_and_step_is_an_error(rank, size, wrap):
+    """step() after synchronize() does not average again, so a gradient computed in between was
+    applied as this rank's own (while its bucket's reduction could still be writing it): the
+    replicas parted silently. It is an error on every rank; zero_grad() recovers."""
+    model = build()
+    inner = optim.SGD(model.parameters(), lr=0.5)
+    opt = (mpidp.DistributedOptimizer(inner, model=model, fusion_threshold_bytes=64) if wrap == "distributed"
+           else mpidp.ShardedOptimizer(inner, model=model, stage=int(wrap[-1]), bucket_bytes=64))
+    crit = nn.CrossEntropyLoss()
+    x, y = data(rank)
+    opt.zero_grad()
+    crit(model(x), y)
+    model.backward(crit.backward())
+    opt.synchronize()
+    crit(model(x), y)
+    with pytest.raises(mpidp.MpidpError, match="after synchronize"):
+        model.backward(crit.backward())
+    start = [p.data.copy() for p in model.parameters()]
+    opt.zero_grad()
+    crit(model(x), y)
+    model.backward(crit.backward())
+    opt.step()
+    grads = [local_grads(build(), *data(r)) for r in range(size)]
+    for i, (p, b) in enumerate(zip(model.parameters(), start)):
+        want = b - 0.5 * sum(g[i] for g in grads) / size
+        numpy.testing.assert_allclose(p.data, want, rtol=0, atol=1e-12)
