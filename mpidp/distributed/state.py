@@ -74,6 +74,7 @@ def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None, model=No
     for key in extra:
         sd[key] = objects.broadcast_object(sd[key], root_rank, name=f"optimizer.{key}", process_set=process_set)
     if getattr(optimizer, "sharded", False):
+        _shards_step_together(sd, process_set)
         if extra:  # each rank owns a different shard of the state: it keeps its own
             inner.load_state_dict(sd)
         return
@@ -88,6 +89,26 @@ def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None, model=No
             else:
                 entry[key] = objects.broadcast_object(value, root_rank, name=name, process_set=process_set)
     inner.load_state_dict(sd)
+
+
+def _shards_step_together(sd, process_set):
+    """Raise MismatchError on every rank unless the ranks' shards hold the same step counts (and other
+    scalars): ShardedOptimizer.load_state_dict keeps only this rank's part of a state, so a state
+    loaded on the root alone leaves the other shards as they were, and no broadcast can mend that."""
+    mine = [(i, key, value.item() if hasattr(value, "item") else value)
+            for i, entry in sorted(sd["state"].items()) for key, value in sorted(entry.items())
+            if not (hasattr(value, "shape") and value.ndim > 0)]
+    rows = objects.allgather_object(mine, name="optimizer.shard_scalars", process_set=process_set)
+    if any(row != rows[0] for row in rows):
+        ranks = check._world_ranks(_ps.resolve(process_set)[1])
+        seen = {ranks[r]: dict(((i, k), v) for i, k, v in row) for r, row in enumerate(rows)}
+        key = next(k for k in sorted(set().union(*seen.values()))
+                   if len({repr(s.get(k)) for s in seen.values()}) > 1)
+        raise MismatchError(f"broadcast_optimizer_state: the ShardedOptimizer's shards hold different "
+                            f"state[{key[0]}][{key[1]!r}] ({describe_ranks({r: s.get(key) for r, s in seen.items()})}); "
+                            f"a state loaded on some ranks only: call load_state_dict on every rank (each "
+                            f"keeps its own part)", tensor=f"optimizer.state[{key[0]}]", field=key[1],
+                            ranks={r: s.get(key) for r, s in seen.items()})
 
 
 def _digest(array):

@@ -178,3 +178,25 @@ def test_a_backward_between_synchronize_and_step_is_an_error(rank, size, wrap):
     for i, (p, b) in enumerate(zip(model.parameters(), start)):
         want = b - 0.5 * sum(g[i] for g in grads) / size
         numpy.testing.assert_allclose(p.data, want, rtol=0, atol=1e-12)
+
+
+def test_a_sharded_state_loaded_on_the_root_only_is_refused_by_the_broadcast(rank, size):
+    """Horovod's resume (the root loads, then broadcast_optimizer_state) left every other rank's shard
+    of a ShardedOptimizer fresh: ShardedOptimizer.load_state_dict keeps only this rank's part and the
+    broadcast sends hyperparameters only. The replicas stay equal (the allgather), so nothing showed
+    it but Adam's moments and step on 1 - 1/N of the model. The broadcast sees the step counts differ."""
+    if size == 1:
+        pytest.skip("needs ranks that differ")
+    model = build()
+    opt = mpidp.ShardedOptimizer(optim.Adam(model.parameters(), lr=0.01), model=model, bucket_bytes=64)
+    for s in range(2):
+        one_step(model, opt, rank, seed=40 + s)
+    saved = opt.state_dict()  # gathered: a collective
+    fresh_model = build()
+    fresh = mpidp.ShardedOptimizer(optim.Adam(fresh_model.parameters(), lr=0.01), model=fresh_model, bucket_bytes=64)
+    if rank == 0:
+        fresh.load_state_dict(saved)
+    with pytest.raises(mpidp.MismatchError, match="load_state_dict"):
+        mpidp.broadcast_optimizer_state(fresh, root_rank=0)
+    fresh.load_state_dict(saved)  # every rank: the way that works
+    mpidp.broadcast_optimizer_state(fresh, root_rank=0)
