@@ -74,6 +74,23 @@ class _Rounds:
                              f"step() applies the gradients synchronize() averaged and would add this "
                              f"rank's own; call step() or zero_grad() before the next backward")
 
+    def _requires_grad_as_built(self, trained=()):
+        """Raise on every rank when a parameter's ``requires_grad`` changed since the optimizer was built
+        (the same change on every rank: a step either way): one frozen then is in no bucket, so its
+        gradient would go unaveraged; ``trained`` (ShardedOptimizer) are those whose shards would still
+        be updated (momentum, weight decay) if frozen now."""
+        what = type(self).__name__
+        for p in self._frozen:
+            if p.requires_grad:
+                raise MpidpError(f"parameter {p.name!r} was frozen (requires_grad=False) when the {what} was "
+                                 f"built and requires grad now: its gradient is in no bucket and would not be "
+                                 f"averaged; build the {what} again after changing requires_grad")
+        for p in trained:
+            if not p.requires_grad:
+                raise MpidpError(f"parameter {p.name!r} was trainable when the {what} was built and is frozen "
+                                 f"(requires_grad=False) now: its shard would still be updated (momentum, weight "
+                                 f"decay); build the {what} again after changing requires_grad")
+
     @contextlib.contextmanager
     def no_sync(self):
         """Accumulate gradients locally: no bucket starts inside (the next step communicates)."""
@@ -124,6 +141,7 @@ class DistributedOptimizer(_Rounds):
             self._pre, self._post = 1.0, 1.0
         self._predivide = f
         names, params = self._collect(optimizer, model, named_parameters)
+        self._frozen = [p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
         self._names, self._params = names, params
         self.replan(int(fusion_threshold_bytes or fusion_threshold()))
         self._next_fire = 0       # buckets start strictly in index order on every rank
@@ -249,6 +267,7 @@ class DistributedOptimizer(_Rounds):
         """Average the gradients now (start what has not started, wait for everything)."""
         if self._synchronized:
             return
+        self._requires_grad_as_built()
         for bucket in self.buckets:
             if bucket.handle is None:  # unused parameters or no hooks: their grads are as they are
                 self._counts.force(bucket)

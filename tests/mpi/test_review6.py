@@ -200,3 +200,40 @@ def test_a_sharded_state_loaded_on_the_root_only_is_refused_by_the_broadcast(ran
         mpidp.broadcast_optimizer_state(fresh, root_rank=0)
     fresh.load_state_dict(saved)  # every rank: the way that works
     mpidp.broadcast_optimizer_state(fresh, root_rank=0)
+
+
+@pytest.mark.parametrize("wrap", ["distributed", "sharded"])
+def test_unfreezing_a_parameter_frozen_when_the_optimizer_was_built_is_an_error(rank, size, wrap):
+    """Gradual unfreezing: the first layer is frozen when the optimizer is built and trainable later.
+    Its gradients are in no bucket: a DistributedOptimizer's inner optimizer applied each rank's own
+    (the replicas parted), a ShardedOptimizer never updated it. An error on every rank instead."""
+    model = build()
+    first = list(model.parameters())[:2]
+    for p in first:
+        p.requires_grad = False
+    inner = optim.SGD(model.parameters(), lr=0.5)
+    opt = (mpidp.DistributedOptimizer(inner, model=model, fusion_threshold_bytes=64) if wrap == "distributed"
+           else mpidp.ShardedOptimizer(inner, model=model, bucket_bytes=64))
+    one_step(model, opt, rank)
+    for p in first:
+        p.requires_grad = True
+    with pytest.raises(mpidp.MpidpError, match="'0.weight' was frozen .* when the .* was built"):
+        one_step(model, opt, rank, seed=50)
+    for p in first:
+        p.requires_grad = False
+    opt.zero_grad()  # as built again: it trains on
+    one_step(model, opt, rank, seed=51)
+    mpidp.check_replicas(model)
+
+
+def test_freezing_a_parameter_of_a_sharded_optimizer_is_an_error(rank, size):
+    """A frozen parameter keeps its value under a plain optimizer (it is skipped); a ShardedOptimizer
+    still stepped its shard, so momentum and weight decay moved it: sharded differed from unsharded."""
+    model = build()
+    opt = mpidp.ShardedOptimizer(optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01),
+                                 model=model, bucket_bytes=64)
+    one_step(model, opt, rank)
+    first = list(model.parameters())[0]
+    first.requires_grad = False
+    with pytest.raises(mpidp.MpidpError, match="'0.weight' was trainable when the ShardedOptimizer was built"):
+        one_step(model, opt, rank, seed=60)
