@@ -269,6 +269,12 @@ class DistributedOptimizer(_Rounds):
             return
         self._requires_grad_as_built()
         for bucket in self.buckets:
+            name = bucket.replaced()
+            if name is not None:
+                raise MpidpError(f"the gradient of {name!r} was replaced by a new array between backward and "
+                                 f"step(): the average arrives in the array it replaced, so step() would apply "
+                                 f"this rank's own; change it in place (p.grad[...] = ...) or after synchronize()")
+        for bucket in self.buckets:
             if bucket.handle is None:  # unused parameters or no hooks: their grads are as they are
                 self._counts.force(bucket)
         self._fire_ready(wake=False)  # waited for below, so run by this thread

@@ -237,3 +237,34 @@ def test_freezing_a_parameter_of_a_sharded_optimizer_is_an_error(rank, size):
     first.requires_grad = False
     with pytest.raises(mpidp.MpidpError, match="'0.weight' was trainable when the ShardedOptimizer was built"):
         one_step(model, opt, rank, seed=60)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_gradient_replaced_between_backward_and_step_is_an_error(rank, size, overlap):
+    """``p.grad = numpy.clip(p.grad, ...)`` after backward: the average arrived in the bucket's view
+    while step() applied the new array, this rank's own clipped gradient (the replicas parted).
+    An error on every rank; after synchronize() (Horovod's clipping) a new array is fine."""
+    model = build()
+    opt = mpidp.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.5), model=model, overlap=overlap)
+    crit = nn.CrossEntropyLoss()
+    x, y = data(rank)
+    opt.zero_grad()
+    crit(model(x), y)
+    model.backward(crit.backward())
+    for p in model.parameters():
+        p.grad = numpy.clip(p.grad, -0.05, 0.05)
+    with pytest.raises(mpidp.MpidpError, match="'2.bias' was replaced"):
+        opt.step()
+    start = [p.data.copy() for p in model.parameters()]
+    opt.zero_grad()
+    crit(model(x), y)
+    model.backward(crit.backward())
+    opt.synchronize()
+    for p in model.parameters():
+        p.grad = numpy.clip(p.grad, -0.05, 0.05)
+    with opt.skip_synchronize():
+        opt.step()
+    grads = [local_grads(build(), *data(r)) for r in range(size)]
+    for i, (p, b) in enumerate(zip(model.parameters(), start)):
+        want = b - 0.5 * numpy.clip(sum(g[i] for g in grads) / size, -0.05, 0.05)
+        numpy.testing.assert_allclose(p.data, want, rtol=0, atol=1e-12)
