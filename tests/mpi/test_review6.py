@@ -291,3 +291,83 @@ def test_sharded_mixed_precision_follows_parameters_broadcast_after_the_optimize
     opt.step()  # lr=0: the model must stay the root's
     for (name, p), a in zip(model.named_parameters(), start):
         numpy.testing.assert_array_equal(p.data, a, err_msg=name)
+
+
+class Branchy(nn.Module):
+    """body, plus ``extra`` on the ranks whose data asks for it (a data-dependent branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = build()
+        self.extra = nn.Linear(C, C, dtype=numpy.float64)
+        rng = numpy.random.default_rng(9)
+        for p in self.extra.parameters():
+            p.data[...] = rng.standard_normal(p.shape) * 0.3
+        self.use_extra = False
+
+    def forward(self, x):
+        y = self.body(x)
+        self._save(self.use_extra)
+        return self.extra(y) if self.use_extra else y
+
+    def _backward(self, dy):
+        (used,) = self._pop()
+        return self.body.backward(self.extra.backward(dy) if used else dy)
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_a_branch_used_on_some_ranks_only(rank, size, passes):
+    """Rank 0 alone runs ``extra`` (in the last pass): its bucket completes there during backward and
+    elsewhere only at synchronize(); the average is still each rank's gradient (zero where unused)."""
+    def run(model, r, opt=None):
+        crit = nn.CrossEntropyLoss()
+        for k in range(passes):
+            model.use_extra = r == 0 and k == passes - 1
+            x, y = data(r, seed=70 + k)
+            crit(model(x), y)
+            model.backward(crit.backward())
+
+    model = Branchy()
+    opt = mpidp.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.5), model=model, fusion_threshold_bytes=64,
+                                     backward_passes_per_step=passes)
+    start = [p.data.copy() for p in model.parameters()]
+    opt.zero_grad()
+    run(model, rank)
+    opt.step()
+    grads = []
+    for r in range(size):
+        ref = Branchy()
+        ref.zero_grad()
+        run(ref, r)
+        grads.append([p.grad.copy() for p in ref.parameters()])
+    for i, ((name, p), b) in enumerate(zip(model.named_parameters(), start)):
+        numpy.testing.assert_allclose(p.data, b - 0.5 * sum(g[i] for g in grads) / size, rtol=0, atol=1e-12,
+                                      err_msg=name)
+    mpidp.check_replicas(model)
+
+
+def test_step_without_backward_and_synchronize_twice(rank, size):
+    """A step with no backward since zero_grad() averages zeros (SGD with momentum still moves, the
+    same on every rank); a second synchronize() is a no-op."""
+    model = build()
+    opt = mpidp.DistributedOptimizer(optim.SGD(model.parameters(), lr=0.5, momentum=0.9), model=model,
+                                     fusion_threshold_bytes=64)
+    one_step(model, opt, rank)
+    opt.zero_grad()
+    opt.synchronize()
+    opt.synchronize()
+    opt.step()
+    opt.step()  # no zero_grad, no backward: the same averaged zeros again
+    mpidp.check_replicas(model)
+    ref = build()
+    ref_opt = optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+    ref.zero_grad()
+    grads = [local_grads(build(), *data(r)) for r in range(size)]
+    for p, *gs in zip(ref.parameters(), *grads):
+        p.grad[...] = sum(gs) / size
+    ref_opt.step()
+    ref.zero_grad()
+    ref_opt.step()
+    ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        numpy.testing.assert_allclose(p.data, q.data, rtol=0, atol=1e-12, err_msg=name)
