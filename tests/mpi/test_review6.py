@@ -371,3 +371,25 @@ def test_step_without_backward_and_synchronize_twice(rank, size):
     ref_opt.step()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         numpy.testing.assert_allclose(p.data, q.data, rtol=0, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("wrap", ["distributed", "sharded"])
+def test_a_loss_scale_that_differs_between_ranks_is_an_error(rank, size, wrap):
+    """A rank whose loss scale differs (its checkpoint, a scale set by hand) sums gradients scaled
+    unlike the others' and unscales by its own: the update is wrong on every rank and the replicas
+    part. The overflow exchange every step already makes sees it: MismatchError on every rank."""
+    if size == 1:
+        pytest.skip("needs ranks that differ")
+    model = build(dtype=numpy.float32)
+    mp = amp.MixedPrecision(model, optim.SGD(model.parameters(), lr=0.1), dtype="float16", init_scale=256.0)
+    opt = (mpidp.DistributedOptimizer(mp, model=model) if wrap == "distributed"
+           else mpidp.ShardedOptimizer(mp, model=model, bucket_bytes=64))
+    if rank == size - 1:
+        mp.scaler.scale = 64.0
+    crit = nn.CrossEntropyLoss()
+    opt.zero_grad()
+    x, y = data(rank)
+    crit(model(x.astype(numpy.float16)), y)
+    model.backward(crit.backward(mp.loss_scale))
+    with pytest.raises(mpidp.MismatchError, match="loss scale"):
+        opt.step()
