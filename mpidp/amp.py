@@ -18,7 +18,8 @@ shard)::
 
 A step whose gradients hold inf or NaN on any rank is skipped on every rank
 (one MAX allreduce of a flag) and the scale backs off, so replicas never
-diverge. ``amp.initialize(model, optimizer, ...)`` returns ``(model, mp)``.
+diverge; the same allreduce checks that every rank has the same loss scale.
+``amp.initialize(model, optimizer, ...)`` returns ``(model, mp)``.
 """
 import sys
 
