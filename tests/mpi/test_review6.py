@@ -237,6 +237,7 @@ def test_freezing_a_parameter_of_a_sharded_optimizer_is_an_error(rank, size):
     first.requires_grad = False
     with pytest.raises(mpidp.MpidpError, match="'0.weight' was trainable when the ShardedOptimizer was built"):
         one_step(model, opt, rank, seed=60)
+    opt.zero_grad()  # waits for the reductions the backward started
 
 
 @pytest.mark.parametrize("overlap", [True, False])
