@@ -18,13 +18,15 @@ shard)::
 
 A step whose gradients hold inf or NaN on any rank is skipped on every rank
 (one MAX allreduce of a flag) and the scale backs off, so replicas never
-diverge. ``amp.initialize(model, optimizer, ...)`` returns ``(model, mp)``.
+diverge; the same allreduce checks that every rank has the same loss scale.
+``amp.initialize(model, optimizer, ...)`` returns ``(model, mp)``.
 """
 import sys
 
 import numpy
 
 from .backend.xp import bfloat16, get_array_module
+from .errors import MismatchError, describe_ranks
 from .nn.parameter import Parameter
 
 __all__ = ["LossScaler", "MixedPrecision", "initialize", "resolve_dtype"]
@@ -114,14 +116,28 @@ def _finite(a):
         return bool(numpy.isfinite(float(get_array_module(a).sum(a, dtype=numpy.float64))))
 
 
-def overflow_everywhere(found, process_set=None):
-    """``found`` on any rank -> True on every rank (one MAX allreduce; local when MPI is not running)."""
+def overflow_everywhere(found, process_set=None, scale=None):
+    """``found`` on any rank -> True on every rank (one MAX allreduce; local when MPI is not running).
+
+    ``scale``, the loss scale this rank's gradients carry, travels in the same exchange: one that
+    differs between ranks raises MismatchError on every rank (each would unscale the sum of
+    gradients scaled alike by its own scale, and the replicas part).
+    """
     runtime = sys.modules.get("mpidp.comm.runtime")  # never start MPI for a single-process user
     if runtime is None or not runtime.is_initialized():
         return bool(found)
-    from .comm import collectives, ops
-    flag = numpy.array([1.0 if found else 0.0], dtype=numpy.float32)
-    return bool(collectives.allreduce(flag, op=ops.Max, name="amp.overflow", process_set=process_set)[0])
+    from .comm import collectives, objects, ops, process_set as _ps
+    s = 0.0 if scale is None else float(scale)
+    flag = numpy.array([1.0 if found else 0.0, s, -s], dtype=numpy.float64)
+    out = collectives.allreduce(flag, op=ops.Max, name="amp.overflow", process_set=process_set)
+    if out[1] != -out[2]:  # every rank sees the same largest and smallest scale: all raise together
+        scales = objects.allgather_object(s, name="amp.loss_scale", process_set=process_set)
+        by_rank = dict(zip(_ps.resolve(process_set)[0].ranks, scales))
+        raise MismatchError(f"the loss scale differs between ranks ({describe_ranks(by_rank)}): each rank would "
+                            f"unscale the averaged gradients by its own; give every rank the same loss scaler state "
+                            f"(load it everywhere, or broadcast_optimizer_state from one rank)",
+                            tensor="amp.loss_scale", field="scale", ranks=by_rank)
+    return bool(out[0])
 
 
 class MixedPrecision:
@@ -223,7 +239,7 @@ class MixedPrecision:
         inv = 1.0 / self.scaler.scale  # the scale this backward used (update() may change it below)
         found = any(not _finite(p.grad) for pairs in groups for p, _ in pairs
                     if p.grad is not None and p.requires_grad)
-        found = overflow_everywhere(found, self.process_set)
+        found = overflow_everywhere(found, self.process_set, self.scaler.scale)
         self.scaler.update(found)
         self.last_step_skipped = found
         if found:

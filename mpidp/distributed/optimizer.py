@@ -65,6 +65,32 @@ class _Rounds:
         self._counts.reset()
         self._next_fire = 0
 
+    def _unsynchronized(self, bucket, param):
+        """Raise when a gradient arrives between synchronize() and step(): step() does not average
+        again, so it would apply this rank's own gradient (the replicas part)."""
+        if self._synchronized:
+            name = bucket.names[[id(p) for p in bucket.params].index(id(param))]
+            raise MpidpError(f"gradient of {name!r} was computed after synchronize() and before step(): "
+                             f"step() applies the gradients synchronize() averaged and would add this "
+                             f"rank's own; call step() or zero_grad() before the next backward")
+
+    def _requires_grad_as_built(self, trained=()):
+        """Raise on every rank when a parameter's ``requires_grad`` changed since the optimizer was built
+        (the same change on every rank: a step either way): one frozen then is in no bucket, so its
+        gradient would go unaveraged; ``trained`` (ShardedOptimizer) are those whose shards would still
+        be updated (momentum, weight decay) if frozen now."""
+        what = type(self).__name__
+        for p in self._frozen:
+            if p.requires_grad:
+                raise MpidpError(f"parameter {p.name!r} was frozen (requires_grad=False) when the {what} was "
+                                 f"built and requires grad now: its gradient is in no bucket and would not be "
+                                 f"averaged; build the {what} again after changing requires_grad")
+        for p in trained:
+            if not p.requires_grad:
+                raise MpidpError(f"parameter {p.name!r} was trainable when the {what} was built and is frozen "
+                                 f"(requires_grad=False) now: its shard would still be updated (momentum, weight "
+                                 f"decay); build the {what} again after changing requires_grad")
+
     @contextlib.contextmanager
     def no_sync(self):
         """Accumulate gradients locally: no bucket starts inside (the next step communicates)."""
@@ -115,6 +141,7 @@ class DistributedOptimizer(_Rounds):
             self._pre, self._post = 1.0, 1.0
         self._predivide = f
         names, params = self._collect(optimizer, model, named_parameters)
+        self._frozen = [p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
         self._names, self._params = names, params
         self.replan(int(fusion_threshold_bytes or fusion_threshold()))
         self._next_fire = 0       # buckets start strictly in index order on every rank
@@ -188,6 +215,7 @@ class DistributedOptimizer(_Rounds):
     # -- the hot path -----------------------------------------------------------------------------
     def _grad_ready(self, param):
         bucket = self._bucket_of[id(param)]
+        self._unsynchronized(bucket, param)
         if self._counts.add(bucket, param, self.backward_passes_per_step, bucket.index < self._next_fire,
                             not self._sync_off):
             self._fire_ready()
@@ -239,6 +267,13 @@ class DistributedOptimizer(_Rounds):
         """Average the gradients now (start what has not started, wait for everything)."""
         if self._synchronized:
             return
+        self._requires_grad_as_built()
+        for bucket in self.buckets:
+            name = bucket.replaced()
+            if name is not None:
+                raise MpidpError(f"the gradient of {name!r} was replaced by a new array between backward and "
+                                 f"step(): the average arrives in the array it replaced, so step() would apply "
+                                 f"this rank's own; change it in place (p.grad[...] = ...) or after synchronize()")
         for bucket in self.buckets:
             if bucket.handle is None:  # unused parameters or no hooks: their grads are as they are
                 self._counts.force(bucket)

@@ -112,6 +112,8 @@ class ShardedOptimizer(_Rounds):
         self._set_arg = process_set
         self._size, self._rank = self._comm.Get_size(), self._comm.Get_rank()
         names, params = DistributedOptimizer._collect(optimizer, model, named_parameters)
+        self._frozen = [p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
+        self._trained = params
         groups = optimizer.param_groups
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         self._orig_params = [list(g["params"]) for g in groups]  # state_dict indices refer to these
@@ -203,6 +205,7 @@ class ShardedOptimizer(_Rounds):
     # -- the hot path --------------------------------------------------------------------------
     def _grad_ready(self, param):
         bucket = self._bucket_of[id(param)]
+        self._unsynchronized(bucket, param)
         if self._counts.add(bucket, param, self.backward_passes_per_step, bucket.index < self._next_fire,
                             not self._sync_off):
             self._fire_ready()
@@ -249,6 +252,7 @@ class ShardedOptimizer(_Rounds):
         """Reduce-scatter every gradient bucket now; afterwards each shard holds its averaged gradients."""
         if self._synchronized:
             return
+        self._requires_grad_as_built(self._trained)
         for bucket in self.buckets:
             if bucket.handle is None:
                 self._counts.force(bucket)

@@ -6,6 +6,7 @@ import numpy
 from ..backend.xp import asnumpy
 from ..comm import check, collectives, objects, process_set as _ps
 from ..errors import MismatchError, describe_ranks
+from .optimizer import _Rounds
 
 
 def _named_arrays(model_or_params):
@@ -50,11 +51,14 @@ def _state_order(params, model):
 def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None, model=None):
     """Make every rank's optimizer state (moments included, even if not created yet) root's.
 
+    The state travels as the optimizer's ``state_dict()`` and is loaded back, so what a wrapper
+    such as ``amp.MixedPrecision`` keeps goes too (float32 masters, step counts, the loss scale).
     With ``model`` the state is matched by parameter name instead of position, and the names
-    are checked across ranks. For a ShardedOptimizer only the hyperparameters are broadcast:
-    its state is per-rank shards.
+    are checked across ranks. For a ShardedOptimizer only the hyperparameters (and a loss
+    scale) are broadcast: its state is per-rank shards.
     """
-    inner = getattr(optimizer, "optimizer", optimizer)
+    # only the data-parallel wrapper is taken off: a MixedPrecision's state is its masters' too
+    inner = optimizer.optimizer if isinstance(optimizer, _Rounds) else optimizer
     inner.init_state()  # lazily created state must exist everywhere before it is broadcast
     groups = objects.broadcast_object(
         [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups],
@@ -65,16 +69,46 @@ def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None, model=No
                             tensor="optimizer.param_groups", field="groups")
     for group, hyper in zip(inner.param_groups, groups):
         group.update(hyper)
+    sd = inner.state_dict()
+    extra = sorted(k for k in sd if k not in ("state", "param_groups"))  # amp's loss scaler
+    for key in extra:
+        sd[key] = objects.broadcast_object(sd[key], root_rank, name=f"optimizer.{key}", process_set=process_set)
     if getattr(optimizer, "sharded", False):
-        return  # each rank owns a different shard of the state: only the hyperparameters agree
-    for pname, p in _state_order([p for g in inner.param_groups for p in g["params"]], model):
-        for key, value in sorted(inner.state.get(p, {}).items()):
+        _shards_step_together(sd, process_set)
+        if extra:  # each rank owns a different shard of the state: it keeps its own
+            inner.load_state_dict(sd)
+        return
+    params = [p for g in inner.param_groups for p in g["params"]]
+    index = {id(p): i for i, p in enumerate(params)}
+    for pname, p in _state_order(params, model):
+        entry = sd["state"].get(index[id(p)], {})
+        for key, value in sorted(entry.items()):
             name = f"optimizer.state[{pname}].{key}"
             if hasattr(value, "shape") and value.ndim > 0:
                 collectives.broadcast_(value, root_rank, name=name, process_set=process_set)
             else:
-                inner.state[p][key] = objects.broadcast_object(value, root_rank, name=name,
-                                                               process_set=process_set)
+                entry[key] = objects.broadcast_object(value, root_rank, name=name, process_set=process_set)
+    inner.load_state_dict(sd)
+
+
+def _shards_step_together(sd, process_set):
+    """Raise MismatchError on every rank unless the ranks' shards hold the same step counts (and other
+    scalars): ShardedOptimizer.load_state_dict keeps only this rank's part of a state, so a state
+    loaded on the root alone leaves the other shards as they were, and no broadcast can mend that."""
+    mine = [(i, key, value.item() if hasattr(value, "item") else value)
+            for i, entry in sorted(sd["state"].items()) for key, value in sorted(entry.items())
+            if not (hasattr(value, "shape") and value.ndim > 0)]
+    rows = objects.allgather_object(mine, name="optimizer.shard_scalars", process_set=process_set)
+    if any(row != rows[0] for row in rows):
+        ranks = check._world_ranks(_ps.resolve(process_set)[1])
+        seen = {ranks[r]: dict(((i, k), v) for i, k, v in row) for r, row in enumerate(rows)}
+        key = next(k for k in sorted(set().union(*seen.values()))
+                   if len({repr(s.get(k)) for s in seen.values()}) > 1)
+        raise MismatchError(f"broadcast_optimizer_state: the ShardedOptimizer's shards hold different "
+                            f"state[{key[0]}][{key[1]!r}] ({describe_ranks({r: s.get(key) for r, s in seen.items()})}); "
+                            f"a state loaded on some ranks only: call load_state_dict on every rank (each "
+                            f"keeps its own part)", tensor=f"optimizer.state[{key[0]}]", field=key[1],
+                            ranks={r: s.get(key) for r, s in seen.items()})
 
 
 def _digest(array):

@@ -16,11 +16,13 @@ class Bucket:
         self.names = names
         self.flat, self.wire = flat, wire
         offset = 0
+        self.views = []  # each p.grad as the bucket made it: a grad that is not one was replaced
         for p in params:
             view = flat[offset:offset + p.size].reshape(p.shape)
             if p.grad is not None:
                 view[...] = p.grad
             p.grad = view
+            self.views.append(view)
             offset += p.size
         self.nbytes = int(wire.nbytes)
         self.ready = 0
@@ -32,13 +34,20 @@ class Bucket:
 
     def rebind(self):
         """Point every ``p.grad`` at its view again (after a user replaced one)."""
-        offset = 0
-        for p in self.params:
-            view = self.flat[offset:offset + p.size].reshape(p.shape)
-            if p.grad is not view and p.grad is not None and not _shares(p.grad, self.flat):
+        for p, view in zip(self.params, self.views):
+            if self._replaced(p, view):
                 view[...] = p.grad
                 p.grad = view
-            offset += p.size
+
+    def replaced(self):
+        """Name of the first parameter whose ``grad`` a user replaced by an array of its own, or None."""
+        for p, name, view in zip(self.params, self.names, self.views):
+            if self._replaced(p, view):
+                return name
+        return None
+
+    def _replaced(self, p, view):
+        return p.grad is not view and p.grad is not None and not _shares(p.grad, self.flat)
 
 
 def _shares(a, flat):

@@ -122,7 +122,7 @@ def test_overflow_on_one_rank_skips_everywhere(rank, size, wrap):
 @pytest.mark.mpi(min_size=2)
 def test_without_agreement_replicas_diverge(rank, size, monkeypatch):
     """The test above is meaningful: with a local-only decision the ranks part ways."""
-    monkeypatch.setattr(amp, "overflow_everywhere", lambda found, process_set=None: found)
+    monkeypatch.setattr(amp, "overflow_everywhere", lambda found, process_set=None, scale=None: found)
 
     def plant(step, opt):
         if step == 3 and rank == 1:
