@@ -236,8 +236,11 @@ def train(args):
     sched = lr_scheduler.LinearWarmup(opt.optimizer, warmup, start_factor=1.0 / size) if warmup else None
     crit = nn.CrossEntropyLoss()
     step = 0
-    if args.resume and checkpoint.latest(args.checkpoint_dir):
-        info = checkpoint.load(args.checkpoint_dir, model, opt, sampler=sampler)
+    found = checkpoint.latest(args.checkpoint_dir) if args.resume and rank == 0 else None
+    if args.resume and size > 1:  # rank 0 reads the file: its folder decides, not each rank's view of it
+        found = mpidp.broadcast_object(found, root_rank=0, name="train.resume")
+    if found:
+        info = checkpoint.load(found, model, opt, sampler=sampler)
         step = int(info["step"])
         if sched is not None:
             sched.load_state_dict(info["extra"]["scheduler"])
