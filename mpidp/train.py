@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import mpidp
 from mpidp import checkpoint, data, models, nn, optim, timeline
+from mpidp.errors import CheckpointError
 from mpidp.optim import lr_scheduler
 
 
@@ -241,6 +242,10 @@ def train(args):
         found = mpidp.broadcast_object(found, root_rank=0, name="train.resume")
     if found:
         info = checkpoint.load(found, model, opt, sampler=sampler)
+        if info["size"] != size:  # known on every rank: load broadcast it
+            raise CheckpointError(f"checkpoint {info['path']} was saved by a job of {info['size']} ranks but this "
+                                  f"job has {size}; its steps, epochs and learning rate count that job's global "
+                                  f"batch: resume with -np {info['size']}")
         step = int(info["step"])
         if sched is not None:
             sched.load_state_dict(info["extra"]["scheduler"])
