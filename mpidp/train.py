@@ -242,6 +242,13 @@ def train(args):
             raise CheckpointError(f"checkpoint {info['path']} was saved by a job of {info['size']} ranks but this "
                                   f"job has {size}; its steps, epochs and learning rate count that job's global "
                                   f"batch: resume with -np {info['size']}")
+        for key, now in (("batch_size", micro), ("accumulate", args.accumulate)):
+            was = info["extra"].get("batch", {}).get(key, now)
+            if was != now:
+                flag = "--" + key.replace("_", "-")
+                raise CheckpointError(f"checkpoint {info['path']} was saved with {flag} {was} but this run has "
+                                      f"{now}; its steps and epochs count batches of that size: resume with "
+                                      f"{flag} {was}")
         step = int(info["step"])
         if sched is not None:
             sched.load_state_dict(info["extra"]["scheduler"])
@@ -258,7 +265,8 @@ def train(args):
     def save(reason):
         if args.checkpoint_dir:
             path = checkpoint.save(args.checkpoint_dir, model, opt, step=step, sampler=sampler, keep=args.keep,
-                                   extra={"scheduler": sched.state_dict() if sched else {}, "reason": reason})
+                                   extra={"scheduler": sched.state_dict() if sched else {}, "reason": reason,
+                                          "batch": {"batch_size": micro, "accumulate": args.accumulate}})
             progress.line(f"checkpoint {path} ({reason})")
 
     start, samples, interrupted = time.perf_counter(), 0, False

@@ -45,3 +45,12 @@ def test_evaluate_counts_every_test_sample_once(rank, size, n):
     accuracy = float((logits.argmax(-1) == y).mean())
     got = evaluate(model, (x, y), 2, numpy)
     assert got[0] == pytest.approx(loss, rel=1e-6) and got[1] == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize("change", [["--batch-size", "32"], ["--accumulate", "2"]])
+def test_resume_with_another_global_batch_is_a_clear_error(dirs, rank, change):
+    # steps count batches of the saved size: with another size the step count put the sampler
+    # in another epoch (the rest of the saved one skipped); say so instead, on every rank
+    train(parse_args([*SMALL, "--checkpoint-dir", dirs, "--max-steps", "30"]))
+    with pytest.raises(mpidp.CheckpointError, match=f"saved with {change[0]} .* this run has {change[1]}"):
+        train(parse_args([*SMALL, "--checkpoint-dir", dirs, "--resume", *change]))
