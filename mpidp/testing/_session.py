@@ -193,13 +193,29 @@ class MpiSession:
             self._say(f"[mpidp] {text}; its stack is in {self._relative(self.log_path(self.rank))}")
         else:
             done = ", ".join(f"{n} {word}" for word, n in sorted(self.counts.items()))
-            self._say(f"\n[mpidp] {text}; where each thread was:\n{_stacks()}\n"
+            self._say(f"\n[mpidp] {text}; where each thread was:\n{_stacks()}{self._failures_waiting()}\n"
                       f"[mpidp] before this: {done or 'no tests finished'}"
                       + (f"; output of the other ranks: {self.log_names()}" if self.size > 1 else ""))
         if self.size > 1:
             time.sleep(2 * GRACE)  # rank 0 reports and aborts first when it can
         self._say(f"[mpidp] rank {self.rank}: aborting the job")
         self._end()
+
+    def _failures_waiting(self):
+        """Watchdog thread of rank 0: the failures in rows other ranks sent and rank 0 never read.
+
+        A rank that failed before a collective the others wait in has reported its failure,
+        the likely cause of the wait; it would die with the job unread.
+        """
+        if self.size == 1 or self.MPI.Query_thread() < self.MPI.THREAD_MULTIPLE:
+            return ""
+        found, status = [], self.MPI.Status()
+        while (message := self.comm.improbe(self.MPI.ANY_SOURCE, _REPORT_TAG, status)) is not None:
+            _, key, row = message.recv()
+            if row.get("outcome") == "failed":
+                found.append(f"[mpidp] rank {status.Get_source()} already failed {key[1] or key[0]} ({key[2]}):\n"
+                             f"{row.get('text', '').rstrip()}\n")
+        return "".join(found)
 
     def _arm(self, deadline, what, backstop=False):
         """Set the watchdog for a phase; with ``backstop``, faulthandler's timer too.
