@@ -421,8 +421,10 @@ class MpiSession:
             verdict, rows = self.exchange(("test", item.nodeid, when), row,
                                           lambda rows: _report.decide(when, rows),
                                           self.test_deadline + GRACE)
-        except _OutOfStep as exc:
-            self.abort(str(exc))
+        except _OutOfStep as exc:  # rank 0: its own failure is likely why the others are stuck
+            own = (f"\n[mpidp] rank 0 already failed {item.nodeid} ({when}):\n{report.longreprtext.rstrip()}"
+                   if report.failed else "")
+            self.abort(str(exc) + own)
         _report.apply(report, verdict, rows, self.test_seconds)
         self.phase_reports.append(report)
         if verdict.get("timed_out"):

@@ -118,14 +118,18 @@ def test_a_hanging_rank_aborts_the_job_after_the_timeout(tmp_path):
     assert "time.sleep(120)" in log
 
 
-def test_a_rank_that_fails_before_a_collective_is_named_with_its_failure(tmp_path):
-    # rank 1 fails and skips the Barrier ranks 0 and 2 wait in: the job ends at the timeout, and
-    # the report must show the cause, rank 1's failure, which only its unread row held
-    rc, out, seconds = pytest_job(tmp_path, "skipped_collective", "--mpidp", "--mpidp-timeout", "3", np=3)
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_rank_that_fails_before_a_collective_is_named_with_its_failure(tmp_path, failing):
+    # one rank fails and skips the Barrier the others wait in: the job ends at the timeout, and
+    # the report must show the cause, that rank's failure, which only its unread row held (rank
+    # 1) or rank 0's own report, never printed when it aborted for the missing ranks (rank 0)
+    test = f"test_case.py::test_fails_on_rank_{failing}_before_a_collective"
+    rc, out, seconds = pytest_job(tmp_path, "skipped_collective", "--mpidp", "--mpidp-timeout", "3",
+                                  "-k", f"test_before or rank_{failing}", np=3)
     assert rc not in (0, None), out
     assert seconds < 15, f"took {seconds:.1f} s"
-    assert "rank 1 already failed test_case.py::test_fails_on_rank_1_before_a_collective (call)" in out, out
-    assert "AssertionError: planted failure on rank 1" in out, out
+    assert f"rank {failing} already failed {test} (call)" in out, out
+    assert f"AssertionError: planted failure on rank {failing}" in out, out
 
 
 def test_a_crashing_rank_ends_the_job(tmp_path):

@@ -1,4 +1,4 @@
-"""Run at np=3 with a short --mpidp-timeout: rank 1 fails before a collective the others wait in."""
+"""Run at np=3 with a short --mpidp-timeout and -k: one rank fails before a collective the others wait in."""
 
 
 def test_before(comm):
@@ -7,6 +7,11 @@ def test_before(comm):
 
 def test_fails_on_rank_1_before_a_collective(comm, rank):
     assert rank != 1, f"planted failure on rank {rank}"
+    comm.Barrier()
+
+
+def test_fails_on_rank_0_before_a_collective(comm, rank):
+    assert rank != 0, f"planted failure on rank {rank}"
     comm.Barrier()
 
 
