@@ -47,6 +47,13 @@ def _stacks():
     return "\n".join(parts)
 
 
+def _failure_text(rank, what, row):
+    """'[mpidp] rank 1 already failed <what>:' and its traceback, for a row that says failed; else ''."""
+    if row.get("outcome") != "failed":
+        return ""
+    return f"\n[mpidp] rank {rank} already failed {what}:\n{row.get('text', '').rstrip()}\n"
+
+
 class _OutOfStep(Exception):
     """Rank 0 found ranks missing or at a different point; the message says which."""
 
@@ -193,7 +200,7 @@ class MpiSession:
             self._say(f"[mpidp] {text}; its stack is in {self._relative(self.log_path(self.rank))}")
         else:
             done = ", ".join(f"{n} {word}" for word, n in sorted(self.counts.items()))
-            self._say(f"\n[mpidp] {text}; where each thread was:\n{_stacks()}{self._failures_waiting()}\n"
+            self._say(f"\n[mpidp] {text}; where each thread was:\n{_stacks()}{self._failures_waiting()}"
                       f"[mpidp] before this: {done or 'no tests finished'}"
                       + (f"; output of the other ranks: {self.log_names()}" if self.size > 1 else ""))
         if self.size > 1:
@@ -212,9 +219,7 @@ class MpiSession:
         found, status = [], self.MPI.Status()
         while (message := self.comm.improbe(self.MPI.ANY_SOURCE, _REPORT_TAG, status)) is not None:
             _, key, row = message.recv()
-            if row.get("outcome") == "failed":
-                found.append(f"[mpidp] rank {status.Get_source()} already failed {key[1] or key[0]} ({key[2]}):\n"
-                             f"{row.get('text', '').rstrip()}\n")
+            found.append(_failure_text(status.Get_source(), f"{key[1]} ({key[2]})" if key[1] else key[0], row))
         return "".join(found)
 
     def _arm(self, deadline, what, backstop=False):
@@ -268,8 +273,9 @@ class MpiSession:
         start, noted = time.monotonic(), None
         while missing:
             now = time.monotonic()
-            if now >= deadline:
-                raise _OutOfStep(self._missing_text(what, sorted(missing), now - start))
+            if now >= deadline:  # a failure on a rank that did finish is likely why the others are stuck
+                raise _OutOfStep(self._missing_text(what, sorted(missing), now - start) +
+                                 "".join(_failure_text(r, what, row) for r, row in enumerate(rows) if row))
             if now - start > NOTE_WAIT_S and noted != missing:
                 noted = set(missing)  # for a job that dies now: rank 0 knew whom it waited for
                 self._event(event="waiting", what=what, ranks=sorted(missing))
@@ -421,10 +427,8 @@ class MpiSession:
             verdict, rows = self.exchange(("test", item.nodeid, when), row,
                                           lambda rows: _report.decide(when, rows),
                                           self.test_deadline + GRACE)
-        except _OutOfStep as exc:  # rank 0: its own failure is likely why the others are stuck
-            own = (f"\n[mpidp] rank 0 already failed {item.nodeid} ({when}):\n{report.longreprtext.rstrip()}"
-                   if report.failed else "")
-            self.abort(str(exc) + own)
+        except _OutOfStep as exc:
+            self.abort(str(exc))
         _report.apply(report, verdict, rows, self.test_seconds)
         self.phase_reports.append(report)
         if verdict.get("timed_out"):

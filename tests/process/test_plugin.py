@@ -118,14 +118,16 @@ def test_a_hanging_rank_aborts_the_job_after_the_timeout(tmp_path):
     assert "time.sleep(120)" in log
 
 
-@pytest.mark.parametrize("failing", [1, 0])
-def test_a_rank_that_fails_before_a_collective_is_named_with_its_failure(tmp_path, failing):
-    # one rank fails and skips the Barrier the others wait in: the job ends at the timeout, and
-    # the report must show the cause, that rank's failure, which only its unread row held (rank
-    # 1) or rank 0's own report, never printed when it aborted for the missing ranks (rank 0)
-    test = f"test_case.py::test_fails_on_rank_{failing}_before_a_collective"
+@pytest.mark.parametrize("failing, test", [(1, "test_fails_on_rank_1_before_a_collective"),
+                                           (0, "test_fails_on_rank_0_before_a_collective"),
+                                           (2, "test_fails_on_rank_2_while_rank_1_waits_for_it")])
+def test_a_rank_that_fails_before_a_collective_is_named_with_its_failure(tmp_path, failing, test):
+    # one rank fails and skips what the others wait in: the job ends at the timeout, and the
+    # report must show the cause, that rank's failure, which only its row held: unread (rank
+    # 1 fails, rank 0 waits), or read by rank 0 that then aborted for the missing ranks
     rc, out, seconds = pytest_job(tmp_path, "skipped_collective", "--mpidp", "--mpidp-timeout", "3",
-                                  "-k", f"test_before or rank_{failing}", np=3)
+                                  "-k", f"test_before or {test}", np=3)
+    test = f"test_case.py::{test}"
     assert rc not in (0, None), out
     assert seconds < 15, f"took {seconds:.1f} s"
     assert f"rank {failing} already failed {test} (call)" in out, out

@@ -15,5 +15,13 @@ def test_fails_on_rank_0_before_a_collective(comm, rank):
     comm.Barrier()
 
 
+def test_fails_on_rank_2_while_rank_1_waits_for_it(comm, rank):
+    assert rank != 2, f"planted failure on rank {rank}"
+    if rank == 1:
+        comm.recv(source=2, tag=5)
+    elif rank == 2:
+        comm.send(None, dest=1, tag=5)
+
+
 def test_after(comm):
     comm.Barrier()
