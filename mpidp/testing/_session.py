@@ -200,13 +200,22 @@ class MpiSession:
             self._say(f"[mpidp] {text}; its stack is in {self._relative(self.log_path(self.rank))}")
         else:
             done = ", ".join(f"{n} {word}" for word, n in sorted(self.counts.items()))
-            self._say(f"\n[mpidp] {text}; where each thread was:\n{_stacks()}{self._failures_waiting()}"
+            self._say(f"\n[mpidp] {text}; where each thread was:\n{_stacks()}{self._earlier_failures()}{self._failures_waiting()}"
                       f"[mpidp] before this: {done or 'no tests finished'}"
                       + (f"; output of the other ranks: {self.log_names()}" if self.size > 1 else ""))
         if self.size > 1:
             time.sleep(2 * GRACE)  # rank 0 reports and aborts first when it can
         self._say(f"[mpidp] rank {self.rank}: aborting the job")
         self._end()
+
+    def _earlier_failures(self):
+        """Rank 0: the failed phases of the current test, agreed on but printed only at the session's end.
+
+        A fixture that failed in setup on one rank leaves the others stuck in its teardown's
+        collective; the job then ends before pytest's summary would show why.
+        """
+        return "".join(f"\n[mpidp] {rep.nodeid} ({rep.when}) {rep.longreprtext.rstrip()}\n"
+                       for rep in self.phase_reports if rep.failed)
 
     def _failures_waiting(self):
         """Watchdog thread of rank 0: the failures in rows other ranks sent and rank 0 never read.
@@ -428,7 +437,7 @@ class MpiSession:
                                           lambda rows: _report.decide(when, rows),
                                           self.test_deadline + GRACE)
         except _OutOfStep as exc:
-            self.abort(str(exc))
+            self.abort(str(exc) + self._earlier_failures())
         _report.apply(report, verdict, rows, self.test_seconds)
         self.phase_reports.append(report)
         if verdict.get("timed_out"):

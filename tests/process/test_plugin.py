@@ -134,6 +134,17 @@ def test_a_rank_that_fails_before_a_collective_is_named_with_its_failure(tmp_pat
     assert f"AssertionError: planted failure on rank {failing}" in out, out
 
 
+def test_a_fixture_that_fails_on_one_rank_before_a_collective_teardown_is_shown(tmp_path):
+    # ranks 0 and 2 meet in the fixture's teardown, rank 1 never set it up: the job ends at the
+    # timeout, before pytest's summary would have shown the agreed setup error
+    rc, out, seconds = pytest_job(tmp_path, "skipped_collective", "--mpidp", "--mpidp-timeout", "3",
+                                  "-k", "test_before or teardown", np=3)
+    assert rc not in (0, None), out
+    assert seconds < 15, f"took {seconds:.1f} s"
+    assert "test_fixture_fails_on_rank_1_and_the_others_meet_in_its_teardown (setup) failed on rank 1 of 3" in out
+    assert "RuntimeError: planted fixture failure on rank 1" in out, out
+
+
 def test_a_crashing_rank_ends_the_job(tmp_path):
     rc, out, seconds = pytest_job(tmp_path, "crash", "--mpidp", "--mpidp-timeout", "20", np=3)
     assert rc not in (0, None), out
