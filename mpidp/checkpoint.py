@@ -14,7 +14,7 @@ import errno
 import json
 import os
 import re
-import tempfile
+import secrets
 import time
 import zlib
 
@@ -175,7 +175,8 @@ def _write(directory, step, keep, arrays, meta):
     blob = json.dumps(meta).encode()
     arrays = {**arrays, "meta": numpy.frombuffer(blob, dtype=numpy.uint8),
               "meta.crc32": numpy.array(zlib.crc32(blob), dtype=numpy.uint32)}
-    fd, tmp = tempfile.mkstemp(prefix=f".ckpt-{int(step):08d}-", suffix=".npz.tmp", dir=directory)
+    tmp = os.path.join(directory, f".ckpt-{int(step):08d}-{os.getpid()}-{secrets.token_hex(4)}.npz.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies (mkstemp: 0600)
     try:
         with os.fdopen(fd, "wb") as f:
             numpy.savez(f, **arrays)

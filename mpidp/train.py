@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import mpidp
 from mpidp import checkpoint, data, models, nn, optim, timeline
+from mpidp.errors import CheckpointError
 from mpidp.optim import lr_scheduler
 
 
@@ -177,16 +178,12 @@ class Progress:
 def evaluate(model, dataset, batch_size, xp):
     """(mean loss, accuracy) over the whole ``dataset``, each rank a shard, averaged over ranks."""
     model.eval()
-    sampler = data.DistributedSampler(len(dataset[1]), shuffle=False, drop_last=False)
+    # every sample once: a DistributedSampler pads the shards with other ranks' samples
+    mine = numpy.arange(mpidp.rank(), len(dataset[1]), mpidp.size())
     crit = nn.CrossEntropyLoss()
     totals = numpy.zeros(3)
-    seen = set()
     with nn.no_grad():
-        for idx in _batches(sampler.indices(), batch_size):
-            idx = [i for i in idx if i not in seen]  # padding repeats samples: count each once
-            seen.update(idx)
-            if not idx:
-                continue
+        for idx in _batches(mine, batch_size):
             x, y = xp.asarray(dataset[0][idx]), xp.asarray(dataset[1][idx])
             logits = model(x)
             totals += [crit(logits, y) * y.size, float((logits.argmax(-1) == y).sum()), y.size]
@@ -236,8 +233,22 @@ def train(args):
     sched = lr_scheduler.LinearWarmup(opt.optimizer, warmup, start_factor=1.0 / size) if warmup else None
     crit = nn.CrossEntropyLoss()
     step = 0
-    if args.resume and checkpoint.latest(args.checkpoint_dir):
-        info = checkpoint.load(args.checkpoint_dir, model, opt, sampler=sampler)
+    found = checkpoint.latest(args.checkpoint_dir) if args.resume and rank == 0 else None
+    if args.resume and size > 1:  # rank 0 reads the file: its folder decides, not each rank's view of it
+        found = mpidp.broadcast_object(found, root_rank=0, name="train.resume")
+    if found:
+        info = checkpoint.load(found, model, opt, sampler=sampler)
+        if info["size"] != size:  # known on every rank: load broadcast it
+            raise CheckpointError(f"checkpoint {info['path']} was saved by a job of {info['size']} ranks but this "
+                                  f"job has {size}; its steps, epochs and learning rate count that job's global "
+                                  f"batch: resume with -np {info['size']}")
+        for key, now in (("batch_size", micro), ("accumulate", args.accumulate)):
+            was = info["extra"].get("batch", {}).get(key, now)
+            if was != now:
+                flag = "--" + key.replace("_", "-")
+                raise CheckpointError(f"checkpoint {info['path']} was saved with {flag} {was} but this run has "
+                                      f"{now}; its steps and epochs count batches of that size: resume with "
+                                      f"{flag} {was}")
         step = int(info["step"])
         if sched is not None:
             sched.load_state_dict(info["extra"]["scheduler"])
@@ -254,7 +265,8 @@ def train(args):
     def save(reason):
         if args.checkpoint_dir:
             path = checkpoint.save(args.checkpoint_dir, model, opt, step=step, sampler=sampler, keep=args.keep,
-                                   extra={"scheduler": sched.state_dict() if sched else {}, "reason": reason})
+                                   extra={"scheduler": sched.state_dict() if sched else {}, "reason": reason,
+                                          "batch": {"batch_size": micro, "accumulate": args.accumulate}})
             progress.line(f"checkpoint {path} ({reason})")
 
     start, samples, interrupted = time.perf_counter(), 0, False

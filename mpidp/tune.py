@@ -282,8 +282,7 @@ def _run_trial(model, sample_batch_fn, optimizer_factory, loss_fn, b, steps, war
         row["fixed_bytes"] = float(_agreed(max, fixed, set_arg))
         return row
     finally:
-        if opt is not inner:
-            opt.close()
+        opt.close()  # also one the factory built: its hooks would count the next trial's gradients
 
 
 def _forward_backward(model, loss_fn, x, y):

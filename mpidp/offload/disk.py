@@ -3,16 +3,19 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 
 import numpy
 
 
 class DiskTier:
-    """Arrays backed by files in a private directory under ``directory``; ``close()`` deletes them."""
+    """Arrays backed by files in a private directory under ``directory``; ``close()`` deletes them,
+    as does the end of the process (or of this object) when nobody called it."""
 
     def __init__(self, directory):
         os.makedirs(directory, exist_ok=True)
         self.directory = tempfile.mkdtemp(prefix="mpidp-offload-", dir=directory)  # one per process
+        self._remove = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
         self.nbytes = 0
         self._count = 0
 
@@ -31,7 +34,7 @@ class DiskTier:
     def close(self):
         """Delete the files (arrays still mapped stay readable until dropped on POSIX)."""
         if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            self._remove()
             self.directory = None
 
     def __repr__(self):

@@ -19,7 +19,8 @@ module's backward, and when the parameter's gradient is complete, the device
 gradient is added into the host gradient (which the DistributedOptimizer's
 bucket then reduces). Unused device copies stay cached until the space is
 needed or the next forward starts (the optimizer may have changed the host
-values in between).
+values in between); a module called on its own, outside the model's forward
+and backward, copies its parameters afresh.
 
 Create the manager after casting the model (amp) and before the
 DistributedOptimizer or ShardedOptimizer, so its gradient hooks run first.
@@ -320,7 +321,11 @@ class OffloadManager:
         self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "h2d_copies": 0, "d2h_copies": 0, "wait_s": 0.0,
                       "issue_s": 0.0, "demand_fetches": 0, "prefetches": 0, "prefetch_hits": 0, "cache_hits": 0,
                       "evictions": 0, "skipped_prefetches": 0}
-        self._hooks = [model.register_forward_pre_hook(self._on_pass)]
+        self._in_pass = False  # inside the model's forward or backward: copies of this pass are current
+        self._hooks = [model.register_forward_pre_hook(self._on_pass),
+                       model.register_forward_hook(lambda m, x, y: self._set_in_pass(False)),
+                       model.register_backward_pre_hook(lambda m, dy: self._set_in_pass(True)),
+                       model.register_backward_hook(lambda m, dx: self._set_in_pass(False))]
         for module in self._modules:
             self._hooks += [module.register_forward_pre_hook(lambda m, x: self._pin(m, False)),
                             module.register_forward_hook(lambda m, x, y: self._unpin(m, False)),
@@ -384,10 +389,14 @@ class OffloadManager:
             raise MpidpError("OffloadManager(optimizer_on='device') updates offloaded parameters only through "
                              "manager.wrap_optimizer(optimizer); wrap it before building the DistributedOptimizer")
         self.epoch += 1
+        self._in_pass = True
         if self._rec:
             self._trace = self._rec
         self._rec, self._pos = [], 0
         self._follow = bool(self._trace)
+
+    def _set_in_pass(self, value):
+        self._in_pass = value
 
     def _record(self, module):
         index = self._index[id(module)]
@@ -399,6 +408,8 @@ class OffloadManager:
 
     def _pin(self, module, backward):
         entries = self._owned[id(module)]
+        if not self._in_pass and not any(e.pins for e in self._entries.values()):
+            self.epoch += 1  # a module called on its own: the host values may have changed since the last pass
         self._record(module)
         protect = set(map(id, entries))
         for e in entries:

@@ -47,6 +47,13 @@ def _stacks():
     return "\n".join(parts)
 
 
+def _failure_text(rank, what, row):
+    """'[mpidp] rank 1 already failed <what>:' and its traceback, for a row that says failed; else ''."""
+    if row.get("outcome") != "failed":
+        return ""
+    return f"\n[mpidp] rank {rank} already failed {what}:\n{row.get('text', '').rstrip()}\n"
+
+
 class _OutOfStep(Exception):
     """Rank 0 found ranks missing or at a different point; the message says which."""
 
@@ -193,13 +200,36 @@ class MpiSession:
             self._say(f"[mpidp] {text}; its stack is in {self._relative(self.log_path(self.rank))}")
         else:
             done = ", ".join(f"{n} {word}" for word, n in sorted(self.counts.items()))
-            self._say(f"\n[mpidp] {text}; where each thread was:\n{_stacks()}\n"
+            self._say(f"\n[mpidp] {text}; where each thread was:\n{_stacks()}{self._earlier_failures()}{self._failures_waiting()}"
                       f"[mpidp] before this: {done or 'no tests finished'}"
                       + (f"; output of the other ranks: {self.log_names()}" if self.size > 1 else ""))
         if self.size > 1:
             time.sleep(2 * GRACE)  # rank 0 reports and aborts first when it can
         self._say(f"[mpidp] rank {self.rank}: aborting the job")
         self._end()
+
+    def _earlier_failures(self):
+        """Rank 0: the failed phases of the current test, agreed on but printed only at the session's end.
+
+        A fixture that failed in setup on one rank leaves the others stuck in its teardown's
+        collective; the job then ends before pytest's summary would show why.
+        """
+        return "".join(f"\n[mpidp] {rep.nodeid} ({rep.when}) {rep.longreprtext.rstrip()}\n"
+                       for rep in self.phase_reports if rep.failed)
+
+    def _failures_waiting(self):
+        """Watchdog thread of rank 0: the failures in rows other ranks sent and rank 0 never read.
+
+        A rank that failed before a collective the others wait in has reported its failure,
+        the likely cause of the wait; it would die with the job unread.
+        """
+        if self.size == 1 or self.MPI.Query_thread() < self.MPI.THREAD_MULTIPLE:
+            return ""
+        found, status = [], self.MPI.Status()
+        while (message := self.comm.improbe(self.MPI.ANY_SOURCE, _REPORT_TAG, status)) is not None:
+            _, key, row = message.recv()
+            found.append(_failure_text(status.Get_source(), f"{key[1]} ({key[2]})" if key[1] else key[0], row))
+        return "".join(found)
 
     def _arm(self, deadline, what, backstop=False):
         """Set the watchdog for a phase; with ``backstop``, faulthandler's timer too.
@@ -252,8 +282,9 @@ class MpiSession:
         start, noted = time.monotonic(), None
         while missing:
             now = time.monotonic()
-            if now >= deadline:
-                raise _OutOfStep(self._missing_text(what, sorted(missing), now - start))
+            if now >= deadline:  # a failure on a rank that did finish is likely why the others are stuck
+                raise _OutOfStep(self._missing_text(what, sorted(missing), now - start) +
+                                 "".join(_failure_text(r, what, row) for r, row in enumerate(rows) if row))
             if now - start > NOTE_WAIT_S and noted != missing:
                 noted = set(missing)  # for a job that dies now: rank 0 knew whom it waited for
                 self._event(event="waiting", what=what, ranks=sorted(missing))
@@ -406,7 +437,7 @@ class MpiSession:
                                           lambda rows: _report.decide(when, rows),
                                           self.test_deadline + GRACE)
         except _OutOfStep as exc:
-            self.abort(str(exc))
+            self.abort(str(exc) + self._earlier_failures())
         _report.apply(report, verdict, rows, self.test_seconds)
         self.phase_reports.append(report)
         if verdict.get("timed_out"):

@@ -154,6 +154,16 @@ def test_file_is_one_npz_that_loads_without_pickle(ckdir, rank):
         assert not [n for n in os.listdir(ckdir) if n.endswith(".tmp")]
 
 
+def test_the_file_gets_the_permissions_of_any_new_file(ckdir, rank):
+    # the umask decides, as for numpy.savez: a temporary file made by mkstemp stayed 0600 after
+    # the rename, so a group that shares the folder could not read the checkpoints
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = checkpoint.save(ckdir, Model(0), step=1)
+    if rank == 0:
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_keep_the_last_k_and_pick_a_step(ckdir, rank):
     model = Model(rank)
     for step in (1, 2, 3, 10, 11):

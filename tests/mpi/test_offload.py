@@ -176,6 +176,30 @@ def test_with_amp_and_sharded(rank, size):
     mpidp.check_replicas(model)
 
 
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_a_module_called_on_its_own_sees_the_current_parameters(rank, size, prefetch):
+    # with room to spare, the last pass's device copies stay cached; a block called directly
+    # (not through the model, whose forward starts a new pass) used the weights from before
+    # the optimizer step, and again after load_state_dict
+    model = build()
+    mgr = OffloadManager(model, device_budget_bytes=64 * weight_bytes(), threshold_bytes=THRESHOLD,
+                         prefetch=prefetch)
+    train(model, rank, size, mgr, steps=2)
+    ref = train(build(), rank, size, steps=2)
+    x = numpy.random.default_rng(5).standard_normal((3, H))
+    block, ref_block = list(model.children())[2], list(ref.children())[2]
+    numpy.testing.assert_array_equal(block(x), ref_block(x))
+    other = build(seed=1)
+    model.load_state_dict(other.state_dict())
+    numpy.testing.assert_array_equal(block(x), list(other.children())[2](x))
+    with nn.no_grad():
+        numpy.testing.assert_array_equal(model(x[:, :D]), other(x[:, :D]))
+    same(model, other)  # and the host tier holds what was loaded
+    train(model, rank, size, mgr, steps=1)  # training goes on as before
+    same(model, train(other, rank, size, steps=1))
+    mgr.close()
+
+
 def test_errors():
     with pytest.raises(OffloadBudgetError, match="raise the budget to at least 25600"):
         OffloadManager(build(), device_budget_bytes=weight_bytes(), threshold_bytes=THRESHOLD)

@@ -134,6 +134,21 @@ def test_learning_rate_rules(rank, size):
         tune.batch_size(Costly(Clock(), len), sample(rank), sgd, lr_rule="cubic", budget_bytes=1 << 20)
 
 
+def test_a_factory_that_returns_a_distributed_optimizer_leaves_no_hooks(rank, size):
+    # each trial's DistributedOptimizer must be closed, also one the factory built itself: its
+    # gradient hooks left on the model counted the next trial's gradients as a second backward
+    model = Costly(Clock(), lambda b: 1.0)
+    hooks = [len(p._hooks) for p in model.parameters()]
+
+    def factory(params):
+        return mpidp.DistributedOptimizer(sgd(params), model=model)
+
+    result = tune.batch_size(model, sample(rank), factory, start=4, max_batch=16, refine_steps=0,
+                             budget_bytes=1 << 30, timer=model.clock)
+    assert tried(result) == [4, 8, 16]
+    assert [len(p._hooks) for p in model.parameters()] == hooks
+
+
 # --- communication ------------------------------------------------------------------------------
 
 def mlp(seed=0):

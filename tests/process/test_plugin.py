@@ -118,6 +118,33 @@ def test_a_hanging_rank_aborts_the_job_after_the_timeout(tmp_path):
     assert "time.sleep(120)" in log
 
 
+@pytest.mark.parametrize("failing, test", [(1, "test_fails_on_rank_1_before_a_collective"),
+                                           (0, "test_fails_on_rank_0_before_a_collective"),
+                                           (2, "test_fails_on_rank_2_while_rank_1_waits_for_it")])
+def test_a_rank_that_fails_before_a_collective_is_named_with_its_failure(tmp_path, failing, test):
+    # one rank fails and skips what the others wait in: the job ends at the timeout, and the
+    # report must show the cause, that rank's failure, which only its row held: unread (rank
+    # 1 fails, rank 0 waits), or read by rank 0 that then aborted for the missing ranks
+    rc, out, seconds = pytest_job(tmp_path, "skipped_collective", "--mpidp", "--mpidp-timeout", "3",
+                                  "-k", f"test_before or {test}", np=3)
+    test = f"test_case.py::{test}"
+    assert rc not in (0, None), out
+    assert seconds < 15, f"took {seconds:.1f} s"
+    assert f"rank {failing} already failed {test} (call)" in out, out
+    assert f"AssertionError: planted failure on rank {failing}" in out, out
+
+
+def test_a_fixture_that_fails_on_one_rank_before_a_collective_teardown_is_shown(tmp_path):
+    # ranks 0 and 2 meet in the fixture's teardown, rank 1 never set it up: the job ends at the
+    # timeout, before pytest's summary would have shown the agreed setup error
+    rc, out, seconds = pytest_job(tmp_path, "skipped_collective", "--mpidp", "--mpidp-timeout", "3",
+                                  "-k", "test_before or teardown", np=3)
+    assert rc not in (0, None), out
+    assert seconds < 15, f"took {seconds:.1f} s"
+    assert "test_fixture_fails_on_rank_1_and_the_others_meet_in_its_teardown (setup) failed on rank 1 of 3" in out
+    assert "RuntimeError: planted fixture failure on rank 1" in out, out
+
+
 def test_a_crashing_rank_ends_the_job(tmp_path):
     rc, out, seconds = pytest_job(tmp_path, "crash", "--mpidp", "--mpidp-timeout", "20", np=3)
     assert rc not in (0, None), out

@@ -69,6 +69,17 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert_identical(final_model(whole), final_model(part))
 
 
+def test_resume_on_another_number_of_ranks_is_a_clear_error(tmp_path):
+    # steps, epochs, the sampler's epoch and the learning rate (scaled by the ranks) are all
+    # counted for the job that saved: at np 3 the run went on from np 2's checkpoint, rewound the
+    # sampler to another epoch and kept np 2's rate
+    rc, out, _ = run(python(*TRAIN, *SMALL, "--checkpoint-dir", tmp_path, "--max-steps", "4"), np=2, timeout=180)
+    assert rc == 0, out[-3000:]
+    rc, out, seconds = run(python(*TRAIN, *SMALL, "--checkpoint-dir", tmp_path, "--resume"), np=3, timeout=180)
+    assert rc not in (0, None), out[-3000:]
+    assert "saved by a job of 2 ranks" in out and "-np 2" in out, out[-3000:]
+
+
 def test_transformer_and_options_run(tmp_path):
     rc, out, _ = run(python(*TRAIN, "--model", "transformer", "--epochs", "1", "--max-steps", "12",
                             "--compression", "fp16", "--accumulate", "2", "--timeline", tmp_path / "t.json"),
