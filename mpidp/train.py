@@ -233,9 +233,13 @@ def train(args):
     sched = lr_scheduler.LinearWarmup(opt.optimizer, warmup, start_factor=1.0 / size) if warmup else None
     crit = nn.CrossEntropyLoss()
     step = 0
-    found = checkpoint.latest(args.checkpoint_dir) if args.resume and rank == 0 else None
-    if args.resume and size > 1:  # rank 0 reads the file: its folder decides, not each rank's view of it
-        found = mpidp.broadcast_object(found, root_rank=0, name="train.resume")
+    found = checkpoint.latest(args.checkpoint_dir) if args.checkpoint_dir and rank == 0 else None
+    if args.checkpoint_dir and size > 1:  # rank 0 reads the file: its folder decides, not each rank's view of it
+        found = mpidp.broadcast_object(found, root_rank=0, name="train.checkpoints")
+    if found and not args.resume:  # its checkpoints would outlive ours (keep=) and a --resume would take them
+        raise CheckpointError(f"--checkpoint-dir {args.checkpoint_dir} already holds checkpoints of another run "
+                              f"(the newest: {found}): pass --resume to continue it, or start over in an empty "
+                              f"folder")
     if found:
         info = checkpoint.load(found, model, opt, sampler=sampler)
         if info["size"] != size:  # known on every rank: load broadcast it
@@ -345,9 +349,21 @@ def _efficiency(args, summary):
     return summary["samples_per_s"] / (summary["ranks"] * one) if one else None
 
 
+REFUSED = 2  # (mpidp.launch.cli.REFUSED)
+"""The exit status of a run that refuses its arguments (a checkpoint folder or a resume that does not
+fit): the status of a usage error, which ``mpidprun --restarts`` does not restart (the same command
+would be refused again; a restart's added ``--resume`` could even continue another run)."""
+
+
 def main(argv=None):
     args = parse_args(argv)
-    summary = train(args)
+    try:
+        summary = train(args)
+    except CheckpointError as exc:  # raised on every rank alike, from what rank 0 read
+        if mpidp.rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        mpidp.shutdown()
+        sys.exit(REFUSED)
     rank = mpidp.rank()
     mpidp.shutdown()
     if summary["interrupted"] and args.checkpoint_on_signal and not args.max_steps:

@@ -59,10 +59,12 @@ environment:
   their BLAS/OpenMP threads (cores // ranks each).
 
 exit status:
-  the job's exit code; 2 when the arguments are wrong (nothing was started);
+  the job's exit code; 2 when the arguments are wrong (nothing was started;
+  a job that exits 2 is not restarted either);
   124 when --timeout expired; 128+N when mpidprun was stopped by signal N."""
 
 GRACE_S = 3.0  # after SIGTERM, how long the job may clean up before SIGKILL
+REFUSED = 2  # a job's exit status that --restarts does not restart: a usage error, the same command fails again
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +102,8 @@ def build_parser():
     p.add_argument("--timeout", type=float, metavar="S",
                    help="kill the job and exit 124 after S seconds (restarts included)")
     p.add_argument("--restarts", type=int, default=0, metavar="K",
-                   help="relaunch a failed job up to K times, adding --resume (default 0)")
+                   help="relaunch a failed job up to K times, adding --resume (default 0); not one "
+                        "that exited 2, a usage error")
     p.add_argument("--mpi", choices=("auto",) + _mpiexec.LAUNCHERS, default="auto",
                    help="launcher: auto (mpi4py's MPI; srun inside Slurm), mpich, openmpi or srun")
     p.add_argument("--mpiexec", metavar="PATH", help="use this mpiexec instead of searching")
@@ -650,6 +653,10 @@ def run(p, timeout=None, restarts=0, verbose=False):
                 return code
             if code == 0:
                 return 0
+            if code == REFUSED and attempt < restarts:
+                _say(f"job exited {REFUSED} (the status of a usage error: it refused its arguments); the same "
+                     f"command would be refused again, no restart")
+                return code
         return code
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -56,10 +56,6 @@ def test_resume_with_another_global_batch_is_a_clear_error(dirs, rank, change):
         train(parse_args([*SMALL, "--checkpoint-dir", dirs, "--resume", *change]))
 
 
-@pytest.mark.xfail(strict=True, reason="train.py starts a fresh run in a folder of another run's checkpoints: keep= prunes "
-                   "the new run's lower steps and latest() stays the old run's, so a --resume (mpidprun --restarts "
-                   "adds one) continues the old run. Fix: refuse, decided on rank 0, with an exit code mpidprun "
-                   "does not restart on")
 def test_a_fresh_run_in_a_folder_of_another_runs_checkpoints_is_refused(dirs, rank):
     train(parse_args([*SMALL, "--checkpoint-dir", dirs, "--max-steps", "30"]))
     with pytest.raises(mpidp.CheckpointError, match="already holds checkpoints"):

@@ -261,6 +261,22 @@ def test_restarts_run_out(tmp_path):
     assert (tmp_path / "runs.txt").read_text().count("--resume") == 3
 
 
+
+@pytest.mark.spawns
+def test_a_refused_run_is_not_restarted(tmp_path):
+    """train.py refuses a fresh run in a folder of another run's checkpoints (exit 2, a usage error);
+    a restart would add --resume and continue the other run: mpidprun does not restart it."""
+    ckpt = tmp_path / "ckpt"
+    args = [sys.executable, "-m", "mpidp.train", "--model", "mlp", "--hidden", "8", "--epochs", "1",
+            "--checkpoint-dir", ckpt]
+    rc, _, err, _ = mpidprun("-np", 2, *args, "--max-steps", "2", timeout=120)
+    assert rc == 0 and sorted(p.name for p in ckpt.iterdir()) == ["ckpt-00000002.npz"], err
+    rc, _, err, _ = mpidprun("-np", 2, "--restarts", 2, *args, "--max-steps", "4", timeout=120)
+    assert rc == 2, err
+    assert "already holds checkpoints of another run" in err and "pass --resume to continue it" in err
+    assert "no restart" in err and "restart 1/2" not in err
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt-00000002.npz"], "the other run's checkpoints changed"
+
 # -- errors before anything starts ---------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
