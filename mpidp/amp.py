@@ -168,6 +168,7 @@ class MixedPrecision:
         if model is not None:
             model.to(dtype=self.dtype)
         self._masters = {}  # id(compute param) -> (compute param, master Parameter)
+        self._fresh = set()  # id(master) of masters made from their compute parameter, not yet stepped or loaded
         self._grad_buffers = {}  # array module name -> float32 scratch for one master's gradient
         self.skipped_steps = 0
         self.last_step_skipped = False
@@ -188,6 +189,7 @@ class MixedPrecision:
         for key, (p, m) in self._masters.items():
             if key not in live and m is not p:
                 self.optimizer.state.pop(m, None)
+                self._fresh.discard(id(m))
         self._masters = live
         return out
 
@@ -196,6 +198,7 @@ class MixedPrecision:
             return p  # already full precision: it is its own master
         m = Parameter(p.data.astype(self.master_dtype), name=p.name, requires_grad=p.requires_grad)
         m.grad = None  # bound to a shared buffer only while the master is updated
+        self._fresh.add(id(m))
         return m
 
     def _swapped(self, groups_pairs):
@@ -218,6 +221,17 @@ class MixedPrecision:
             for p, m in pairs:
                 if m is not p:
                     m.data[...] = p.data
+
+    def _refresh_fresh(self, groups):
+        """Until the first step, a master made from its compute parameter follows it: the model's weights
+        may have changed since (``broadcast_parameters`` after ``broadcast_optimizer_state``, whose
+        ``init_state`` made the masters; a sharded state is never broadcast, so each rank's own starting
+        weights would have gone into its shard)."""
+        for pairs in groups:
+            for p, m in pairs:
+                if id(m) in self._fresh:
+                    m.data[...] = p.data
+        self._fresh.clear()
 
     # -- the step -------------------------------------------------------------------------------
     @property
@@ -245,6 +259,8 @@ class MixedPrecision:
         if found:
             self.skipped_steps += 1
             return
+        if self._fresh:
+            self._refresh_fresh(groups)
         own = [[m for p, m in pairs if m is p and p.grad is not None and p.requires_grad] for pairs in groups]
         for ps in own:
             for p in ps:
@@ -332,6 +348,7 @@ class MixedPrecision:
                                      f"{len(flat)} parameters; load a state saved for the same model")
                 p, m = flat[i]
                 if m is not p:
+                    self._fresh.discard(id(m))
                     xp = get_array_module(m.data)
                     m.data[...] = master if xp is numpy else xp.asarray(master)
                     p.data[...] = m.data

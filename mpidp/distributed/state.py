@@ -75,8 +75,10 @@ def broadcast_optimizer_state(optimizer, root_rank=0, process_set=None, model=No
         sd[key] = objects.broadcast_object(sd[key], root_rank, name=f"optimizer.{key}", process_set=process_set)
     if getattr(optimizer, "sharded", False):
         _shards_step_together(sd, process_set)
-        if extra:  # each rank owns a different shard of the state: it keeps its own
-            inner.load_state_dict(sd)
+        if extra:  # each rank owns a different shard of the state: it keeps its own (masters untouched: until the
+            # first step they follow the model, which broadcast_parameters may still change)
+            inner.load_state_dict({**sd, "state": {i: {k: v for k, v in entry.items() if k != "master"}
+                                                   for i, entry in sd["state"].items()}})
         return
     params = [p for g in inner.param_groups for p in g["params"]]
     index = {id(p): i for i, p in enumerate(params)}

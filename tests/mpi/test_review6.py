@@ -271,10 +271,6 @@ def test_a_gradient_replaced_between_backward_and_step_is_an_error(rank, size, o
         numpy.testing.assert_allclose(p.data, want, rtol=0, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="MixedPrecision makes its float32 masters once (init_state, which "
-                   "broadcast_optimizer_state calls) and never again: broadcast_parameters afterwards changes the "
-                   "model but not the masters, and a ShardedOptimizer's state (masters included) is not broadcast, "
-                   "so the first step writes each rank's own starting weights back into its shard")
 def test_sharded_mixed_precision_follows_parameters_broadcast_after_the_optimizer_state(rank, size):
     if size == 1:
         pytest.xfail("needs ranks that start apart")
