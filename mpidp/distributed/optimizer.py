@@ -279,9 +279,16 @@ class DistributedOptimizer(_Rounds):
                 self._counts.force(bucket)
         self._fire_ready(wake=False)  # waited for below, so run by this thread
         t0 = time.perf_counter()
+        failed = []
         with timeline.span("wait gradients", "wait"):
-            for bucket in self.buckets:
-                bucket.handle.wait()
+            for bucket in self.buckets:  # every one: none may stay in flight into the next backward's buffers
+                try:
+                    bucket.handle.wait()
+                except Exception as exc:  # (a MismatchError, on every rank alike)
+                    failed.append(exc)
+        if failed:  # these gradients were not averaged: the next backward starts a new round
+            self._new_round()
+            raise failed[0]
         for bucket in self.buckets:
             if bucket.wire is not bucket.flat:
                 bucket.flat[...] = bucket.wire

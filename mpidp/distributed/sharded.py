@@ -258,10 +258,17 @@ class ShardedOptimizer(_Rounds):
                 self._counts.force(bucket)
         self._fire_ready()
         t0 = time.perf_counter()
+        failed = []
         with _span("wait gradient shards", "wait"):
-            for bucket in self.buckets:
+            for bucket in self.buckets:  # every one: none may stay in flight into the next round
                 if bucket.handle:
-                    self._finish(bucket)
+                    try:
+                        self._finish(bucket)
+                    except Exception as exc:  # (a MismatchError, on every rank alike)
+                        failed.append(exc)
+        if failed:  # these gradients were not averaged: the next backward starts a new round
+            self._new_round()
+            raise failed[0]
         self.stats["wait_s"] += time.perf_counter() - t0
         self._new_round()
         self._synchronized = True
