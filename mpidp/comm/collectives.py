@@ -618,6 +618,13 @@ def _allgather_short(eng, plan, x, blocking):
     seq = eng.started()
     what = plan[-1] or f"allgather.{seq}"
     send = numpy.ascontiguousarray(x).reshape(-1)
+    if blocking:  # run it right here when the engine is free: no closures
+        outer = eng.claim(what, seq)
+        if outer is not _engine._BUSY:
+            try:
+                return _allgather_planned(eng, plan, send, what, seq)
+            finally:
+                eng.unclaim(outer)
     run = functools.partial(_allgather_planned, eng, plan, send, what, seq)
     if not blocking:
         return eng.submit(run, what, seq)
@@ -659,13 +666,14 @@ def _allgather_rows(comm, topo, start, send, table, tail, dtype):
 
 def _allgather_carried(eng, topo, start, send, tail, dtype):
     """The result after a check that carried every rank's row count (and its rows, where they fit)."""
-    table = check.carried(eng, 8).view(numpy.int64)[:, 0].copy()
-    if (table < 0).any():  # some rank's rows did not fit: the counts came, the rows go now
-        return _allgather_rows(eng.comm, topo, start, send, numpy.where(table < 0, -1 - table, table), tail, dtype)
+    table = check.carried(eng, 8).view(numpy.int64)[:, 0].tolist()  # (a few ints: Python's own are quickest)
+    if min(table) < 0:  # some rank's rows did not fit: the counts came, the rows go now
+        table = numpy.array([-1 - count if count < 0 else count for count in table], dtype=numpy.int64)
+        return _allgather_rows(eng.comm, topo, start, send, table, tail, dtype)
     rows = check.carried(eng, check.carrying(eng.comm))
     size = math.prod(tail) * dtype.itemsize
-    parts = [rows[r, 8:8 + int(count) * size] for r, count in enumerate(table)]
-    return numpy.concatenate(parts).view(dtype).reshape((int(table.sum()),) + tail)
+    parts = [rows[r, 8:8 + count * size] for r, count in enumerate(table)]
+    return numpy.concatenate(parts).view(dtype).reshape((sum(table),) + tail)
 
 
 def _allgather_general(x, name, process_set, blocking):
@@ -748,6 +756,14 @@ def _broadcast_short(eng, plan, x, inplace, blocking):
         work = _copy(numpy, x)
     else:  # every byte is the root's once it has run
         work = empty_result(numpy, x.shape, x.dtype)
+    if blocking:  # run it right here when the engine is free: no closures
+        outer = eng.claim(what, seq)
+        if outer is not _engine._BUSY:
+            try:
+                _broadcast_planned(eng, plan, work, what, seq)
+            finally:
+                eng.unclaim(outer)
+            return work
     run = functools.partial(_broadcast_planned, eng, plan, work, what, seq)
     if not blocking:
         return eng.submit(run, what, seq, lambda _: work)
@@ -757,20 +773,20 @@ def _broadcast_short(eng, plan, x, inplace, blocking):
 
 def _broadcast_planned(eng, plan, work, what, seq):
     """Run a broadcast through its plan as a job of ``eng``, into ``work`` (C-contiguous host memory)."""
-    signature, fingerprint, root, carries, _ = plan
+    signature, fingerprint, root, carrier, _ = plan
     comm, carried = eng.comm, False
-    line = work.reshape(-1)
     if check._enabled:
-        mine = None if not carries else line.view(numpy.uint8) if comm.Get_rank() == root else _NOTHING
-        if check.meet(eng, check.stamp(fingerprint, seq), mine):
-            carried = carries
+        if carrier is not None and comm.Get_rank() == root:  # the root's payload travels in its row
+            carrier.mine[...] = work
+        if check.meet(eng, check.stamp(fingerprint, seq)):
+            carried = carrier is not None
         else:  # a joined rank carries nothing: then the transfer is an MPI call
             check.differ(comm, "broadcast", what, signature, seq)
     try:
         if not carried:
-            bcast_pieces(comm, line, root)
+            bcast_pieces(comm, work.reshape(-1), root)
         elif comm.Get_rank() != root:
-            line.view(numpy.uint8)[...] = check.carried(eng, work.nbytes)[root]
+            work[...] = carrier.rows[root]
     except BaseException as exc:
         _fatal.after_agreement(comm, f"broadcast of tensor {what!r}", exc)
 
@@ -797,7 +813,8 @@ def _broadcast_general(x, root_rank, name, process_set, inplace, blocking):
             key = ("broadcast", x.dtype, x.shape, asked, given, inplace)
             if len(eng.plans) > 1024:
                 eng.plans.clear()
-            eng.plans[key] = (signature, check.fingerprint(signature), root, carry is not None, given)
+            eng.plans[key] = (signature, check.fingerprint(signature), root,
+                              None if carry is None else check.Carrier(eng, x.dtype, x.shape), given)
         except TypeError:  # an unhashable name: left to the check's own message
             pass
 

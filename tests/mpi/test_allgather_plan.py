@@ -9,6 +9,7 @@ import mpidp
 from mpidp.comm import check, collectives, engine as engine_mod, runtime
 
 from conftest import data
+from test_carried_check import check_form  # noqa: F401 (a fixture: the check as an Allgather and as a MIN Allreduce)
 
 
 def _plans():
@@ -23,7 +24,7 @@ def _rows_of(layout, r):
 
 @pytest.mark.parametrize("layout", ["all fit", "rank 0 too big", "some empty", "big"])
 @pytest.mark.parametrize("dtype", ["float64", "int16", "bool"])
-def test_repeated_allgather_with_uneven_rows(rank, size, dtype, layout):
+def test_repeated_allgather_with_uneven_rows(rank, size, dtype, layout, check_form):
     for call in range(3):  # the first call makes the plan, the others use it
         parts = [data((_rows_of(layout, r), 2), dtype, 10 * call + r) for r in range(size)]
         x = parts[rank].copy()

@@ -5,9 +5,11 @@ import numpy
 import pytest
 
 import mpidp
+from mpidp.backend import bfloat16
 from mpidp.comm import check, collectives, engine as engine_mod, runtime
 
 from conftest import data
+from test_carried_check import check_form  # noqa: F401 (a fixture: the check as an Allgather and as a MIN Allreduce)
 
 
 def _plans():
@@ -31,9 +33,10 @@ SHAPES = {"carried": (3, 4), "over the row": ((check.ROW - 8) // 8 + 1,), "big":
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "in place"])
-@pytest.mark.parametrize("dtype", ["float64", "int32", "bool", "complex64"])
+@pytest.mark.parametrize("dtype", ["float64", "int32", "bool", "complex64", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_repeated_broadcast_from_every_root(rank, size, shape, dtype, inplace):
+def test_repeated_broadcast_from_every_root(rank, size, shape, dtype, inplace, check_form):
+    dtype = bfloat16 if dtype == "bfloat16" else numpy.dtype(dtype)
     fn = mpidp.broadcast_ if inplace else mpidp.broadcast
     name = f"bp.{shape}.{dtype}.{inplace}"
     for call in range(3):  # the first call of each root makes its plan, the others use it
@@ -42,7 +45,7 @@ def test_repeated_broadcast_from_every_root(rank, size, shape, dtype, inplace):
             x = mine.copy()
             out = fn(x, root, name=name)
             want = data(SHAPES[shape], dtype, 10 * call + root)
-            assert out.shape == SHAPES[shape] and out.dtype == numpy.dtype(dtype)
+            assert out.shape == SHAPES[shape] and out.dtype == dtype
             assert out.tobytes() == want.tobytes(), f"call {call} from root {root}"
             if inplace:
                 assert out is x
@@ -154,3 +157,24 @@ def test_plan_with_a_joined_rank(rank, size):
             got = mpidp.broadcast(numpy.arange(float(n)) + rank + k, 0, name="j")
             assert got.tolist() == (numpy.arange(float(n)) + k).tolist()
     assert mpidp.join() == size - 2
+
+
+def test_blocking_plans_behind_queued_work_and_in_a_timeline(rank, size, tmp_path):
+    """A planned blocking broadcast or allgather runs in the caller's thread only while the engine is
+    free: behind queued async work it waits its turn (values and order stay); a timeline records it."""
+    def both():
+        got = mpidp.broadcast_(numpy.full(3, float(rank)), size - 1, name="behind.b")
+        assert got.tolist() == [float(size - 1)] * 3
+        got = mpidp.allgather(numpy.full(2, rank), name="behind.g")
+        assert got.tolist() == [r for r in range(size) for _ in range(2)]
+    both()  # the plans
+    for _ in range(3):
+        big = mpidp.allreduce_async(numpy.full(1000, float(rank)), op=mpidp.Sum, name="queued")
+        both()
+        assert mpidp.synchronize(big).tolist() == [size * (size - 1) / 2] * 1000
+    from mpidp import timeline
+    timeline.start(str(tmp_path / f"t{rank}.json"))
+    try:
+        both()
+    finally:
+        timeline.stop()
