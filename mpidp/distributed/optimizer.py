@@ -239,6 +239,8 @@ class DistributedOptimizer(_Rounds):
             xp.multiply(bucket.flat, pre * self._post if average else pre, out=bucket.wire, casting="unsafe")
             # the wire carries 1/size already: times size / contributors, exactly 1 unless some joined
             pre, post = 1.0, float(self._size) if average else 1.0
+        elif average and bucket.wire.itemsize <= 2:  # 16-bit sums of loss-scaled gradients overflow: divide
+            pre, post = pre * self._post, float(self._size)  # first (as the ShardedOptimizer and DDP do)
         if pre != 1.0:
             bucket.wire *= bucket.wire.dtype.type(pre)  # a typed scalar: NumPy's fast loop
         # The 1/size of an average goes with the exchange: the ring multiplies each part as it
