@@ -126,11 +126,21 @@ def test_async_broadcasts_through_plans_keep_their_order(rank, size):
                 assert got is xs[i]
 
 
-def test_plan_with_the_check_off_and_on_a_process_set(rank, size):
+@pytest.mark.parametrize("collective", ["broadcast", "allgather"])
+def test_plans_with_the_check_off_and_on_a_process_set(rank, size, collective):
+    def call(k, ps=None):  # (what this rank got, what it should get); on a set, ranks 1.. (root: job rank 1)
+        members = range(1, size) if ps else range(size)
+        if collective == "broadcast":
+            got = mpidp.broadcast(numpy.full(3, 10 * rank + k), members[0], name="w", process_set=ps)
+            return got.tolist(), [10 * members[0] + k] * 3
+        got = mpidp.allgather(numpy.full(2, 10 * rank + k), name="w", process_set=ps)
+        return got.tolist(), [10 * r + k for r in members for _ in range(2)]
+
     old = collectives.set_check(False)
     try:
-        for k in range(3):
-            assert mpidp.broadcast(numpy.full(4, rank + k), 0, name="off").tolist() == [k] * 4
+        for k in range(3):  # the first call makes the plan, the others use it
+            got, want = call(k)
+            assert got == want
     finally:
         collectives.set_check(old)
     if size < 2:
@@ -138,9 +148,9 @@ def test_plan_with_the_check_off_and_on_a_process_set(rank, size):
     ps = mpidp.add_process_set(list(range(1, size)))
     try:
         if rank >= 1:
-            for k in range(3):  # root given as a job rank: set-local rank 0
-                got = mpidp.broadcast(numpy.full(3, 10 * rank + k), 1, name="ps", process_set=ps)
-                assert got.tolist() == [10 + k] * 3
+            for k in range(3):
+                got, want = call(k, ps)
+                assert got == want
     finally:
         mpidp.remove_process_set(ps)
 
