@@ -388,6 +388,8 @@ class OffloadManager:
         if self.optimizer_on == "device" and not self._wrapped:
             raise MpidpError("OffloadManager(optimizer_on='device') updates offloaded parameters only through "
                              "manager.wrap_optimizer(optimizer); wrap it before building the DistributedOptimizer")
+        if any(e.pins for e in self._entries.values()):
+            self._recover()
         self.epoch += 1
         self._in_pass = True
         if self._rec:
@@ -438,17 +440,31 @@ class OffloadManager:
 
     def _unpin(self, module, backward):
         for e in self._owned[id(module)]:
-            if backward and e.dirty:
-                self._flush(e)
-            e.pins -= 1
-            if e.pins == 0:
-                p = e.param
-                p.data, e.host_data = e.host_data, None
-                e.fence = self._copies.fence()
-                if e.grad is not None:
-                    p.grad, e.host_grad = e.host_grad, None
-                    self.pool.give(e.grad_buf, self._copies.fence())
-                    e.grad = e.grad_buf = None
+            self._unpin_entry(e, backward)
+
+    def _unpin_entry(self, e, backward):
+        if backward and e.dirty:
+            self._flush(e)
+        e.pins -= 1
+        if e.pins == 0:
+            p = e.param
+            p.data, e.host_data = e.host_data, None
+            e.fence = self._copies.fence()
+            if e.grad is not None:
+                p.grad, e.host_grad = e.host_grad, None
+                self.pool.give(e.grad_buf, self._copies.fence())
+                e.grad = e.grad_buf = None
+
+    def _recover(self):
+        """Unpin what a pass that raised left pinned (a module's forward or backward never ended: an
+        out-of-memory a batch-size search caught, a user's assert): its parameters and gradients point
+        at the host arrays again, and its device memory counts as free."""
+        for e in self._entries.values():
+            if e.pins:
+                if e.grad is not None and e.param.grad is not e.grad:  # rebound since (a DistributedOptimizer's
+                    e.host_grad = e.param.grad                         # bucket view): that binding stays
+                e.pins = 1
+                self._unpin_entry(e, e.dirty)
 
     def _grad_ready(self, param):
         e = self._entries[id(param)]

@@ -237,3 +237,31 @@ def test_gpu_pinned_tier_and_copy_stream(rank, size, prefetch):
     assert s["copies"] == "stream" and s["copy_s"] > 0 and s["peak_device_bytes"] <= budget
     if prefetch:
         assert s["prefetch_hits"] > 0
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+@pytest.mark.parametrize("budget", ["tight", "roomy"])
+def test_training_goes_on_after_a_pass_that_raised(rank, size, where, budget):
+    # a module that raised (an out-of-memory a batch-size search catches, a user's assert) left its
+    # parameters pinned, pointing at their device copies, with the host arrays held aside
+    model = build()
+    mgr = OffloadManager(model, device_budget_bytes=(2 if budget == "tight" else 64) * weight_bytes(),
+                         threshold_bytes=THRESHOLD)
+    block = list(model.children())[3][0]  # an offloaded Linear (the manager hooks the leaves)
+    armed = [True]
+
+    def boom(m, *_):
+        if armed[0]:
+            armed[0] = False
+            raise RuntimeError("out of memory (a test)")
+    (block.register_forward_pre_hook if where == "forward" else block.register_backward_pre_hook)(boom)
+    x, y = batches(size)[0]
+    crit = nn.CrossEntropyLoss()
+    with pytest.raises(RuntimeError, match="a test"):
+        crit(model(x[:B]), y[:B])
+        model.backward(crit.backward())
+    model.zero_grad()
+    train(model, rank, size, mgr)
+    same(model, train(build(), rank, size))
+    assert all(p.data is mgr.host_array(p) for p in model.parameters() if mgr.is_offloaded(p))
+    mgr.close()
