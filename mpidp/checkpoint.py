@@ -52,7 +52,8 @@ def list_checkpoints(directory):
 
 
 def latest(directory):
-    """Path of the checkpoint with the highest step in ``directory``, or None."""
+    """Path of the checkpoint with the highest step in ``directory``, or None. Each rank reads its own view
+    of the folder: to decide something all ranks do (load or not), read it on one rank and broadcast."""
     found = list_checkpoints(directory)
     return found[-1][1] if found else None
 
@@ -189,6 +190,12 @@ def _write(directory, step, keep, arrays, meta):
         except OSError:
             pass
         raise
+    # steps above this one are a future this run left (it went on from an older step): set aside, under a
+    # name no listing takes, so that they neither stay the latest nor push this run's steps out (keep)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for later, old in list_checkpoints(directory):
+        if later > int(step):
+            os.replace(old, old[:-len(".npz")] + f".abandoned-{stamp}.npz")
     _fsync_dir(directory)
     if keep and keep > 0:
         for _, old in list_checkpoints(directory)[:-keep]:
@@ -203,6 +210,8 @@ def save(directory, model, optimizer=None, step=0, extra=None, keep=3, sampler=N
     ``extra``: arrays, numbers, strings, lists and dicts to store alongside.
     ``rng``: a numpy Generator, or a dict of them, whose per-rank state is saved.
     ``keep``: how many checkpoints to keep (None or 0: all).
+    Checkpoints of higher steps in ``directory`` (a run that went on from an older step) are renamed
+    ``ckpt-<step>.abandoned-<time>.npz``: no longer the latest, not counted by ``keep``, not deleted.
     """
     directory = os.fspath(directory)
     rank, size = runtime.rank(), runtime.size()

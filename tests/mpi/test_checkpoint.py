@@ -179,6 +179,24 @@ def test_keep_the_last_k_and_pick_a_step(ckdir, rank):
     assert checkpoint.latest(os.path.join(ckdir, "nowhere")) is None
 
 
+def test_going_on_from_an_older_step_sets_the_abandoned_steps_aside(ckdir, rank):
+    # a run rewound to step 2 (it diverged later) and went on: keep= pruned the new steps 3, 4 while
+    # the abandoned 5 stayed the latest, so a --resume would continue the run that diverged
+    for step in range(1, 6):
+        checkpoint.save(ckdir, Model(0), step=step, keep=3, extra={"branch": "old"})
+    checkpoint.load(ckdir, Model(9), step=3)
+    for step in (3, 4):
+        checkpoint.save(ckdir, Model(1), step=step, keep=3, extra={"branch": "new"})
+    assert checkpoint.latest_step(ckdir) == 4
+    assert [(s, checkpoint.load(path, Model(9))["extra"]["branch"]) for s, path in
+            checkpoint.list_checkpoints(ckdir)] == [(3, "new"), (4, "new")]
+    assert checkpoint.load(ckdir, Model(9))["extra"] == {"branch": "new"}
+    if rank == 0:  # nothing lost: the abandoned steps 4 and 5 are set aside under names no listing takes
+        aside = sorted(n for n in os.listdir(ckdir) if "abandoned" in n)
+        assert [n[:len("ckpt-00000004.abandoned-")] for n in aside] == \
+            ["ckpt-00000004.abandoned-", "ckpt-00000005.abandoned-"], aside
+
+
 def test_load_onto_a_model_and_optimizer_that_have_never_stepped(ckdir):
     saved = Model(0)
     checkpoint.save(ckdir, saved, Optimizer(0), step=1)
