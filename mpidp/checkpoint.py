@@ -168,7 +168,14 @@ def _fsync_dir(directory):
 
 def _write(directory, step, keep, arrays, meta):
     """Write atomically, then keep the newest ``keep``; returns the path."""
+    made = []
+    head = os.path.abspath(directory)
+    while not os.path.isdir(head):  # the folders this save makes: each one's entry synced in its parent
+        made.append(head)
+        head = os.path.dirname(head)
     os.makedirs(directory, exist_ok=True)
+    for folder in reversed(made):
+        _fsync_dir(os.path.dirname(folder))
     for name in os.listdir(directory):  # left by a save that was killed; only rank 0 writes here
         if _TEMP.match(name):
             os.remove(os.path.join(directory, name))

@@ -197,6 +197,18 @@ def test_going_on_from_an_older_step_sets_the_abandoned_steps_aside(ckdir, rank)
             ["ckpt-00000004.abandoned-", "ckpt-00000005.abandoned-"], aside
 
 
+def test_the_folders_a_save_makes_are_synced_in_their_parents(ckdir, rank, monkeypatch):
+    # a power loss right after the first checkpoint could lose the new folder (and the checkpoint in it)
+    synced = []
+    real = checkpoint._fsync_dir
+    monkeypatch.setattr(checkpoint, "_fsync_dir", lambda d: (synced.append(os.path.abspath(d)), real(d)))
+    target = os.path.join(ckdir, "runs", "a")
+    checkpoint.save(target, Model(0), step=1)
+    if rank == 0:
+        for folder in (ckdir, os.path.join(ckdir, "runs"), target):
+            assert os.path.abspath(folder) in synced, (folder, synced)
+
+
 def test_load_onto_a_model_and_optimizer_that_have_never_stepped(ckdir):
     saved = Model(0)
     checkpoint.save(ckdir, saved, Optimizer(0), step=1)
