@@ -58,6 +58,17 @@ class _Rounds:
     """What the DistributedOptimizer and the ShardedOptimizer share: the rounds of backward passes
     between exchanges, and the wrapped optimizer's parameter groups and state."""
 
+    @staticmethod
+    def _unowned(names, params):
+        """Refuse parameters whose gradients another open Distributed/ShardedOptimizer exchanges: both
+        would, each backward (and the first one, never stepped, raised 'computed again' at the second)."""
+        for name, p in zip(names, params):
+            for fn in p._hooks.values():
+                owner = getattr(fn, "__self__", None)
+                if isinstance(owner, _Rounds):
+                    raise MpidpError(f"parameter {name!r} already belongs to an open {type(owner).__name__}: "
+                                     f"close() it before building another on the same parameters (one per model)")
+
     def _new_round(self):
         """No bucket in flight or counted: the next backward passes start the next exchange."""
         for bucket in self.buckets:
@@ -141,6 +152,7 @@ class DistributedOptimizer(_Rounds):
             self._pre, self._post = 1.0, 1.0
         self._predivide = f
         names, params = self._collect(optimizer, model, named_parameters)
+        self._unowned(names, params)
         self._frozen = [p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
         self._names, self._params = names, params
         self.replan(int(fusion_threshold_bytes or fusion_threshold()))

@@ -112,6 +112,7 @@ class ShardedOptimizer(_Rounds):
         self._set_arg = process_set
         self._size, self._rank = self._comm.Get_size(), self._comm.Get_rank()
         names, params = DistributedOptimizer._collect(optimizer, model, named_parameters)
+        self._unowned(names, params)
         self._frozen = [p for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
         self._trained = params
         groups = optimizer.param_groups

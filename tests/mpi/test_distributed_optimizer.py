@@ -211,3 +211,31 @@ def test_bad_arguments():
     other = build()
     with pytest.raises(ValueError, match="not among"):
         mpidp.DistributedOptimizer(make_opt("sgd", other.parameters()), model=model)
+
+
+@pytest.mark.parametrize("first,second", [("distributed", "distributed"), ("distributed", "sharded"),
+                                          ("sharded", "distributed")])
+def test_a_second_optimizer_on_the_same_parameters_needs_the_first_closed(rank, size, first, second):
+    """Both would exchange every gradient at each backward, and the first, never stepped, raised
+    'gradient computed again' at the second backward: a clear error instead, until the first is closed."""
+    from mpidp import models
+    model = models.mlp(in_features=4, hidden=(8,), num_classes=3, seed=0)
+
+    def build(kind):
+        inner = optim.SGD(model.parameters(), lr=0.1)
+        return (mpidp.DistributedOptimizer(inner, model=model) if kind == "distributed"
+                else mpidp.ShardedOptimizer(inner, model=model))
+    old = build(first)
+    with pytest.raises(mpidp.MpidpError, match="already belongs to an open .*Optimizer: close\\(\\) it"):
+        build(second)
+    old.close()
+    opt = build(second)
+    crit = nn.CrossEntropyLoss()
+    x, y = numpy.ones((2, 4), numpy.float32) * (rank + 1), numpy.array([0, 1])
+    for _ in range(2):
+        opt.zero_grad()
+        crit(model(x), y)
+        model.backward(crit.backward())
+        opt.step()
+    mpidp.check_replicas(model)
+    opt.close()

@@ -47,6 +47,7 @@ def train(model, rank, size, manager=None, passes=1, wrap=True, steps=STEPS, dat
             crit(model(x[lo:lo + B]), y[lo:lo + B])
             model.backward(crit.backward() / passes)
         opt.step()
+    opt.close()  # (the next call builds another on the same model)
     return model
 
 
