@@ -111,3 +111,11 @@ def test_plan_with_a_joined_rank(rank, size):
             got = mpidp.allgather(numpy.full(n, float(rank + k)), name="j")
             assert got.tolist() == [float(r + k) for r in range(size - 1) for _ in range(n)]
     assert mpidp.join() == size - 2
+
+
+def test_same_plan_queued_several_times_async(rank, size):
+    """Async calls of one plan queued behind each other: each carries its own rows in the plan's one carry."""
+    for n in (3, 40):
+        handles = [mpidp.allgather_async(numpy.full(n, float(10 * rank + k)), name=f"q{n}") for k in range(4)]
+        for k in reversed(range(4)):
+            assert mpidp.synchronize(handles[k]).tolist() == [float(10 * r + k) for r in range(size) for _ in range(n)]

@@ -188,3 +188,36 @@ def test_blocking_plans_behind_queued_work_and_in_a_timeline(rank, size, tmp_pat
         both()
     finally:
         timeline.stop()
+
+
+def test_root_given_as_another_type_on_some_ranks(rank, size):
+    """The plan is kept under the root as given (1, 1.0, True and numpy.int64(1) are one key, the
+    root as the check sees it): odd ranks spell it otherwise, and a plan made under one spelling serves the others."""
+    for k in range(2):
+        for root in range(size):
+            for given in (root, numpy.int64(root), float(root), numpy.int32(root)) + \
+                    ((bool(root),) if root < 2 else ()):
+                for n in (3, 40):  # carried, and a Bcast after the check
+                    got = mpidp.broadcast(numpy.arange(float(n)) + 100 * rank + k, given if rank % 2 else root,
+                                          name="spelled")
+                    assert got.tolist() == (numpy.arange(float(n)) + 100 * root + k).tolist()
+
+
+def test_same_plan_queued_several_times_async(rank, size):
+    """Async calls of one plan queued behind each other: each carries (or sends) its own payload, though
+    they share the plan's views of the check's row."""
+    for n in (3, 40):
+        handles = [mpidp.broadcast_async(numpy.full(n, float(10 * rank + k)), size - 1, name=f"q{n}")
+                   for k in range(4)]
+        for k in reversed(range(4)):
+            assert mpidp.synchronize(handles[k]).tolist() == [float(10 * (size - 1) + k)] * n
+
+
+def test_plan_refuses_a_joined_root_on_every_rank(rank, size):
+    if size < 2:
+        pytest.skip("needs two ranks")
+    for _ in range(2):
+        mpidp.broadcast(numpy.zeros(3), size - 1, name="jr")
+    with pytest.raises(mpidp.MpidpError, match="root rank .* has joined"):
+        mpidp.join() if rank == size - 1 else mpidp.broadcast(numpy.zeros(3), size - 1, name="jr")
+    assert mpidp.allgather(numpy.array([rank]), name="after jr").tolist() == list(range(size))
