@@ -24,6 +24,17 @@ from mpidp.errors import CheckpointError
 from mpidp.optim import lr_scheduler
 
 
+class RunRefused(CheckpointError):
+    """The checkpoint folder or the resume does not fit this run's arguments: a usage error (a failed save
+    mid-run is a plain CheckpointError, a failure to restart from)."""
+
+
+REFUSED = 2  # (mpidp.launch.cli.REFUSED)
+"""The exit status of a run that refuses its arguments (a checkpoint folder or a resume that does not
+fit): the status of a usage error, which ``mpidprun --restarts`` does not restart (the same command
+would be refused again; a restart's added ``--resume`` could even continue another run)."""
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -237,20 +248,20 @@ def train(args):
     if args.checkpoint_dir and size > 1:  # rank 0 reads the file: its folder decides, not each rank's view of it
         found = mpidp.broadcast_object(found, root_rank=0, name="train.checkpoints")
     if found and not args.resume:  # its checkpoints would outlive ours (keep=) and a --resume would take them
-        raise CheckpointError(f"--checkpoint-dir {args.checkpoint_dir} already holds checkpoints of another run "
+        raise RunRefused(f"--checkpoint-dir {args.checkpoint_dir} already holds checkpoints of another run "
                               f"(the newest: {found}): pass --resume to continue it, or start over in an empty "
                               f"folder")
     if found:
         info = checkpoint.load(found, model, opt, sampler=sampler)
         if info["size"] != size:  # known on every rank: load broadcast it
-            raise CheckpointError(f"checkpoint {info['path']} was saved by a job of {info['size']} ranks but this "
+            raise RunRefused(f"checkpoint {info['path']} was saved by a job of {info['size']} ranks but this "
                                   f"job has {size}; its steps, epochs and learning rate count that job's global "
                                   f"batch: resume with -np {info['size']}")
         for key, now in (("batch_size", micro), ("accumulate", args.accumulate)):
             was = info["extra"].get("batch", {}).get(key, now)
             if was != now:
                 flag = "--" + key.replace("_", "-")
-                raise CheckpointError(f"checkpoint {info['path']} was saved with {flag} {was} but this run has "
+                raise RunRefused(f"checkpoint {info['path']} was saved with {flag} {was} but this run has "
                                       f"{now}; its steps and epochs count batches of that size: resume with "
                                       f"{flag} {was}")
         step = int(info["step"])
@@ -349,17 +360,11 @@ def _efficiency(args, summary):
     return summary["samples_per_s"] / (summary["ranks"] * one) if one else None
 
 
-REFUSED = 2  # (mpidp.launch.cli.REFUSED)
-"""The exit status of a run that refuses its arguments (a checkpoint folder or a resume that does not
-fit): the status of a usage error, which ``mpidprun --restarts`` does not restart (the same command
-would be refused again; a restart's added ``--resume`` could even continue another run)."""
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
         summary = train(args)
-    except CheckpointError as exc:  # raised on every rank alike, from what rank 0 read
+    except RunRefused as exc:  # raised on every rank alike, from what rank 0 read
         if mpidp.rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         mpidp.shutdown()

@@ -62,8 +62,6 @@ def test_a_fresh_run_in_a_folder_of_another_runs_checkpoints_is_refused(dirs, ra
         train(parse_args([*SMALL, "--checkpoint-dir", dirs, "--max-steps", "3"]))
 
 
-@pytest.mark.xfail(strict=True, reason="train.main turns every CheckpointError into exit 2 (REFUSED), a failed "
-                                       "save mid-run too, so mpidprun --restarts never restarts it")
 def test_a_failed_save_is_a_failure_to_restart_not_a_refused_run(dirs, rank, monkeypatch):
     """A checkpoint that could not be written (a full disk, a file system that hiccuped) is a failure for
     mpidprun --restarts to restart from the last good checkpoint, not a usage error: it must not exit 2."""
