@@ -168,7 +168,7 @@ class MixedPrecision:
         if model is not None:
             model.to(dtype=self.dtype)
         self._masters = {}  # id(compute param) -> (compute param, master Parameter)
-        self._fresh = set()  # id(master) of masters made from their compute parameter, not yet stepped or loaded
+        self._fresh = set()  # id(master) of masters made or loaded since the last step: they follow the model
         self._grad_buffers = {}  # array module name -> float32 scratch for one master's gradient
         self.skipped_steps = 0
         self.last_step_skipped = False
@@ -223,13 +223,14 @@ class MixedPrecision:
                     m.data[...] = p.data
 
     def _refresh_fresh(self, groups):
-        """Until the first step, a master made from its compute parameter follows it: the model's weights
-        may have changed since (``broadcast_parameters`` after ``broadcast_optimizer_state``, whose
-        ``init_state`` made the masters; a sharded state is never broadcast, so each rank's own starting
-        weights would have gone into its shard)."""
+        """Until the next step, a master made or loaded follows its compute parameter where the two no
+        longer agree: the model's weights may have changed since (weights loaded, or
+        ``broadcast_parameters`` after ``broadcast_optimizer_state``, which made or loaded the masters; a
+        sharded state is never broadcast, so each rank's own starting weights would have gone into its
+        shard). Where they agree the master keeps its precision (a resume)."""
         for pairs in groups:
             for p, m in pairs:
-                if id(m) in self._fresh:
+                if id(m) in self._fresh and not get_array_module(p.data).array_equal(m.data.astype(p.dtype), p.data):
                     m.data[...] = p.data
         self._fresh.clear()
 
@@ -348,7 +349,7 @@ class MixedPrecision:
                                      f"{len(flat)} parameters; load a state saved for the same model")
                 p, m = flat[i]
                 if m is not p:
-                    self._fresh.discard(id(m))
+                    self._fresh.add(id(m))
                     xp = get_array_module(m.data)
                     m.data[...] = master if xp is numpy else xp.asarray(master)
                     p.data[...] = m.data

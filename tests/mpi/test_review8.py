@@ -16,13 +16,7 @@ def build(seed=0, dtype=numpy.float32):
     return model
 
 
-LOST = pytest.mark.xfail(strict=True, reason=(
-    "the DistributedOptimizer's broadcast_optimizer_state loads the root's masters on every rank (load_state_dict: "
-    "no longer fresh), so they do not follow weights set after it: the first step writes the masters over them, "
-    "on every rank alike"))
-
-
-@pytest.mark.parametrize("sharded", [pytest.param(False, marks=LOST), True], ids=["distributed", "sharded"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["distributed", "sharded"])
 def test_mixed_precision_follows_weights_the_root_loads_after_the_optimizer_state(rank, size, sharded):
     """Rank 0 loads weights (pretrained, or a model-only checkpoint) after broadcast_optimizer_state, then
     broadcast_parameters: the first step (lr=0) must keep them, as the sharded optimizer's masters now do."""
