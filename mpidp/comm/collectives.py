@@ -230,7 +230,8 @@ def _keep_plan(eng, key, signature, x, op, prescale_factor, postscale_factor, in
     """Cache the plan of a host allreduce that is one MPI call (see ``allreduce_pieces``): on the
     plain MPI path only, so a rank on the short path always does what a rank on the general one does."""
     count = max(1, min(MAX_COUNT, _buffers._piece // x.itemsize)) if inplace else MAX_COUNT
-    if (prescale_factor != 1.0 or x.dtype in HALF or x.size > count or path not in ("MPI", "MPI, in place")
+    # (not an empty array: the general path makes no MPI call for it after the check, the plan one)
+    if (prescale_factor != 1.0 or x.dtype in HALF or not 0 < x.size <= count or path not in ("MPI", "MPI, in place")
             or uses_ring(flat(x), eng.comm.Get_size(), op.ufunc)):
         return
     if len(eng.plans) > 1024:

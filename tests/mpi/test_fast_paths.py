@@ -298,3 +298,17 @@ def test_equal_factors_written_differently_agree_across_paths(rank, size):
         check._known.clear()  # (a fingerprint from the texts, not from a cache that equal values share)
     numpy.testing.assert_allclose(mpidp.allreduce(x, op=mpidp.Sum, name="f", postscale_factor=numpy.float64(2.0)),
                                   want[::2])
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "in place"])
+def test_an_empty_allreduce_on_both_paths(rank, size, inplace):
+    """An empty array: the general path makes no MPI call after the check, the plan made an Allreduce of
+    0 elements, so a rank without the plan (another call of that signature not yet made, or its plans
+    cleared) and ranks with it parted, and the job hung in the torture test."""
+    fn = mpidp.allreduce_ if inplace else mpidp.allreduce
+    fn(numpy.empty(0), op=mpidp.Sum, name="empty")  # a plan, where one is kept
+    if rank % 2:
+        _plans().clear()  # odd ranks: the general path
+    for _ in range(2):
+        assert fn(numpy.empty(0), op=mpidp.Sum, name="empty").shape == (0,)
+        assert mpidp.allreduce(numpy.ones(2), op=mpidp.Sum, name="after").tolist() == [size] * 2
