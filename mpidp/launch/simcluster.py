@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from typing import NamedTuple
 
 from ..errors import LaunchError
@@ -358,10 +359,11 @@ def _as_ssh(argv, env, job, index):
     """Run a node's command (its MPI daemon) as ssh would: stay its parent, pass signals on (it dies
     with this process), and return its exit status, or 255 as ssh does when the connection drops.
 
-    A daemon that dies by a signal nobody sent through here is a lost node: its ranks go too, as
-    they would with the node (orphans would keep its pipes open, and Hydra would wait for them until
-    the job's timeout), and a file in the job's folder tells mpidprun, which ends with an error even
-    where mpiexec exits 0 (prterun does, after ending the job for a lost daemon)."""
+    A daemon that dies by a signal nobody sent through here (itself, or below the shell that runs it)
+    and leaves its ranks running is a lost node: its ranks go too, as they would with the node
+    (orphans would keep its pipes open, and Hydra would wait for them until the job's timeout), and a
+    file in the job's folder tells mpidprun, which ends with an error even where mpiexec exits 0
+    (prterun does, after ending the job for a lost daemon)."""
     child = subprocess.Popen(argv, env=env, preexec_fn=lambda: _end_with_parent(signal.SIGKILL))
     forwarded = []
 
@@ -371,16 +373,21 @@ def _as_ssh(argv, env, job, index):
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     code = child.wait()
-    if code >= 0 or forwarded:
-        return code if code >= 0 else 128 - code
-    if job:
-        with open(os.path.join(job, f"{LOST}{index}"), "w") as f:
-            f.write(str(-code))
-        for pid in node_processes(job, index):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+    status = code if code >= 0 else 128 - code  # (a shell between reports its child's death by signal N so)
+    if forwarded or not job or not 128 < status < 160:
+        return status
+    deadline = time.monotonic() + 1.0  # a daemon that ends a job itself kills its ranks first
+    while (left := node_processes(job, index, ranks_only=True)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not left:
+        return status
+    with open(os.path.join(job, f"{LOST}{index}"), "w") as f:
+        f.write(str(status - 128))
+    for pid in node_processes(job, index):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     return 255
 
 
