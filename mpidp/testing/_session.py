@@ -24,6 +24,7 @@ _VERDICT_TAG = 7702
 # Seconds rank 0 waits past a timeout before it reports, so that a stuck rank's watchdog
 # has written its stack first; a stuck rank aborts the job itself a grace later still.
 GRACE = 1.0
+FORWARD_S = 0.5  # before an abort: time for mpiexec to forward what this rank printed last
 # Collection and the session's end get at least this long: imports can be slow.
 SLOW_PHASE_S = 60.0
 SPIN_S = 0.02         # a waiting rank polls without sleeping this long, then sleeps
@@ -185,6 +186,8 @@ class MpiSession:
                 stream.flush()
             except Exception:
                 pass
+        if self.size > 1:  # mpiexec forwards a rank's output through its proxy: let the last lines get out
+            time.sleep(FORWARD_S)  # before MPI_Abort kills the proxies (a report was cut mid-traceback)
         try:
             self.world.Abort(1)
         finally:
@@ -204,7 +207,7 @@ class MpiSession:
                       f"[mpidp] before this: {done or 'no tests finished'}"
                       + (f"; output of the other ranks: {self.log_names()}" if self.size > 1 else ""))
         if self.size > 1:
-            time.sleep(2 * GRACE)  # rank 0 reports and aborts first when it can
+            time.sleep(4 * GRACE)  # rank 0 reports and aborts first when it can (its deadline is one GRACE later)
         self._say(f"[mpidp] rank {self.rank}: aborting the job")
         self._end()
 
