@@ -5,22 +5,14 @@ import pytest
 import mpidp
 from mpidp import amp, nn, optim
 
-D, H, C, B = 5, 7, 3, 4
-
-
-def build(seed=0, dtype=numpy.float32):
-    model = nn.Sequential(nn.Linear(D, H, dtype=dtype), nn.Tanh(), nn.Linear(H, C, dtype=dtype))
-    rng = numpy.random.default_rng(seed)
-    for p in model.parameters():
-        p.data[...] = rng.standard_normal(p.shape) * 0.5
-    return model
+from test_review6 import B, C, D, build
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["distributed", "sharded"])
 def test_mixed_precision_follows_weights_the_root_loads_after_the_optimizer_state(rank, size, sharded):
     """Rank 0 loads weights (pretrained, or a model-only checkpoint) after broadcast_optimizer_state, then
     broadcast_parameters: the first step (lr=0) must keep them, as the sharded optimizer's masters now do."""
-    model = build(seed=1)
+    model = build(seed=1, dtype=numpy.float32)
     mp = amp.MixedPrecision(model, optim.SGD(model.parameters(), lr=0.0), dtype="float16", init_scale=8.0)
     opt = (mpidp.ShardedOptimizer(mp, model=model, bucket_bytes=64) if sharded
            else mpidp.DistributedOptimizer(mp, model=model))
