@@ -175,12 +175,12 @@ def _path(buf, comm, op, inplace=False, hierarchical=True):
 # exactly as two ranks on the general path would. Nonblocking calls take it too (queued as usual).
 
 def _plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace):
-    """What a plan depends on: the call's fields, the piece size, and the topology and its
-    hierarchical crossover (``tune.hierarchical()`` moves it: a plan made before must not keep
-    the old path)."""
+    """What a plan depends on: the call's fields, the piece size and the ring's threshold, and the
+    topology and its hierarchical crossover (``tune.hierarchical()`` moves it: a plan made before
+    must not keep the old path)."""
     topo = runtime._state.topology if comm is runtime._state.comm else runtime.topology(comm)
     return (x.dtype, x.shape, op, name, prescale_factor, postscale_factor, inplace, _buffers._piece,
-            topo, None if topo is None else topo.from_bytes)
+            _buffers.RING_FROM, topo, None if topo is None else topo.from_bytes)
 
 
 def _allreduce_planned(eng, plan, x, out, inplace, what, seq):

@@ -312,3 +312,18 @@ def test_an_empty_allreduce_on_both_paths(rank, size, inplace):
     for _ in range(2):
         assert fn(numpy.empty(0), op=mpidp.Sum, name="empty").shape == (0,)
         assert mpidp.allreduce(numpy.ones(2), op=mpidp.Sum, name="after").tolist() == [size] * 2
+
+
+def test_a_plan_follows_the_ring_threshold(rank, size, monkeypatch):
+    """A plan made on the plain MPI path, then the ring's threshold lowered (tests do): a rank without
+    the plan chose the ring and a rank with it MPI, a MismatchError on a call both made alike."""
+    if size < 2:
+        pytest.skip("needs two ranks")
+    from mpidp.comm import _buffers
+    x = numpy.arange(6.0)
+    mpidp.allreduce(x, op=mpidp.Sum, name="ringed")  # the plan, on the plain MPI path
+    if rank % 2:
+        _plans().clear()
+    monkeypatch.setattr(_buffers, "RING_FROM", 1)
+    for _ in range(2):
+        assert mpidp.allreduce(x, op=mpidp.Sum, name="ringed").tolist() == (x * size).tolist()
