@@ -734,7 +734,8 @@ def allgather_async(x, name=None, process_set=None):
 # --- broadcast ----------------------------------------------------------------------------------
 
 def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
-    if type(x) is numpy.ndarray and not timeline.enabled():  # a host array: through its plan, if one was kept
+    # a host array and an int root (1.0 would find the plan of 1): through its plan, if one was kept
+    if type(x) is numpy.ndarray and type(root_rank) is int and not timeline.enabled():
         eng = _engine.engine
         if process_set is not None or eng.comm is None or eng.comm is not runtime._state.comm:
             eng = engine_for(resolve(process_set)[1])
@@ -793,15 +794,16 @@ def _broadcast_planned(eng, plan, work, what, seq):
 
 
 def _broadcast_general(x, root_rank, name, process_set, inplace, blocking):
-    given, asked = name, root_rank
+    given = name
     ps, comm, eng, seq, name = _begin(process_set, "broadcast", name)
-    root = ps.to_local(int(root_rank))
+    root_rank = _process_set.job_rank(root_rank, f"broadcast of tensor {name!r}")
+    root = ps.to_local(root_rank)
     x = _array(x, name, "broadcast")
     if inplace:
         _writable(x, name, "broadcast_")
     xp = get_array_module(x)
     work = x if (inplace and x.flags.c_contiguous) else _copy(xp, x)
-    signature = _signature(eng, "broadcast", given, ("root_rank", int(root_rank)), ("dtype", dtype_name(x.dtype)),
+    signature = _signature(eng, "broadcast", given, ("root_rank", root_rank), ("dtype", dtype_name(x.dtype)),
                            ("shape", tuple(x.shape)))
     buf = Staged(work, copy_in=comm.Get_rank() == root)
     # a small message travels in the root's row of the check (whatever memory it is in: the
@@ -811,7 +813,7 @@ def _broadcast_general(x, root_rank, name, process_set, inplace, blocking):
         carry = _on_host(flat(buf.host)).view(numpy.uint8) if comm.Get_rank() == root else _NOTHING
     if type(x) is numpy.ndarray:  # the next call like this one takes the short path
         try:
-            key = ("broadcast", x.dtype, x.shape, asked, given, inplace)
+            key = ("broadcast", x.dtype, x.shape, root_rank, given, inplace)
             if len(eng.plans) > 1024:
                 eng.plans.clear()
             eng.plans[key] = (signature, check.fingerprint(signature), root,

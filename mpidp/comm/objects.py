@@ -3,7 +3,7 @@ from mpi4py.util import pkl5
 
 from . import _fatal, check
 from .engine import engine_for
-from .process_set import resolve
+from .process_set import job_rank, resolve
 
 
 def _run(process_set, kind, name, fields, transfer):
@@ -28,8 +28,9 @@ def _run(process_set, kind, name, fields, transfer):
 def broadcast_object(obj, root_rank=0, name=None, process_set=None):
     """``root_rank``'s ``obj`` on every rank."""
     ps, _ = resolve(process_set)
-    root = ps.to_local(int(root_rank))
-    return _run(process_set, "broadcast_object", name, (("root_rank", int(root_rank)),),
+    root_rank = job_rank(root_rank, f"broadcast_object of {name!r}" if name else "broadcast_object")
+    root = ps.to_local(root_rank)
+    return _run(process_set, "broadcast_object", name, (("root_rank", root_rank),),
                 lambda c, joined: c.bcast(obj, root=root))
 
 

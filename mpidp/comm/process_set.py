@@ -1,4 +1,6 @@
 """Process sets: collectives over a subset of the ranks, as Horovod's ``hvd.ProcessSet``."""
+import numbers
+
 from mpi4py import MPI
 
 from . import check, runtime
@@ -95,6 +97,14 @@ class _GlobalSet(ProcessSet):
 
 
 global_process_set = _GlobalSet()
+
+
+def job_rank(root_rank, what):
+    """``root_rank`` as an int; TypeError for anything but an integer (1.7 or "1" would have been rank 1)."""
+    if not isinstance(root_rank, numbers.Integral):
+        raise TypeError(f"{what}: root_rank must be an integer (a rank of the job), not "
+                        f"{type(root_rank).__name__} {root_rank!r}")
+    return int(root_rank)
 
 
 def resolve(process_set):

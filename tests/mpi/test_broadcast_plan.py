@@ -191,11 +191,12 @@ def test_blocking_plans_behind_queued_work_and_in_a_timeline(rank, size, tmp_pat
 
 
 def test_root_given_as_another_type_on_some_ranks(rank, size):
-    """The plan is kept under the root as given (1, 1.0, True and numpy.int64(1) are one key, the
-    root as the check sees it): odd ranks spell it otherwise, and a plan made under one spelling serves the others."""
+    """The plan is kept under the root as an int (1, True and numpy.int64(1) are one key, the root as the
+    check sees it): odd ranks spell it otherwise, and a plan made under one spelling serves the others
+    (a float is refused: test_a_root_that_is_not_an_integer_is_refused)."""
     for k in range(2):
         for root in range(size):
-            for given in (root, numpy.int64(root), float(root), numpy.int32(root)) + \
+            for given in (root, numpy.int64(root), numpy.int32(root)) + \
                     ((bool(root),) if root < 2 else ()):
                 for n in (3, 40):  # carried, and a Bcast after the check
                     got = mpidp.broadcast(numpy.arange(float(n)) + 100 * rank + k, given if rank % 2 else root,
@@ -221,3 +222,18 @@ def test_plan_refuses_a_joined_root_on_every_rank(rank, size):
     with pytest.raises(mpidp.MpidpError, match="root rank .* has joined"):
         mpidp.join() if rank == size - 1 else mpidp.broadcast(numpy.zeros(3), size - 1, name="jr")
     assert mpidp.allgather(numpy.array([rank]), name="after jr").tolist() == list(range(size))
+
+
+@pytest.mark.parametrize("root", [1.0, 1.7, "1", None], ids=["1.0", "1.7", "'1'", "None"])
+def test_a_root_that_is_not_an_integer_is_refused(rank, size, root):
+    """Before any communication, on every rank that passes it (1.7 and "1" were rank 1, through the
+    plan of 1 too); numpy integers and bools stay integers."""
+    x = numpy.arange(3.0)
+    mpidp.broadcast(x, 0, name="w")  # the plan of root 0, for the short path to refuse 1.0 too
+    for call in (lambda: mpidp.broadcast(x, root, name="w"), lambda: mpidp.broadcast_(x.copy(), root, name="w"),
+                 lambda: mpidp.broadcast_object("o", root_rank=root)):
+        with pytest.raises(TypeError, match="root_rank must be an integer"):
+            call()
+    assert mpidp.broadcast(x + rank, numpy.int64(0), name="w").tolist() == x.tolist()
+    assert mpidp.broadcast(x + rank, False, name="w").tolist() == x.tolist()
+    assert mpidp.broadcast_object(rank, root_rank=numpy.int32(size - 1)) == size - 1
