@@ -174,6 +174,21 @@ def _path(buf, comm, op, inplace=False, hierarchical=True):
 # check still runs on every call, over the same fields: ranks on the two paths agree or disagree
 # exactly as two ranks on the general path would. Nonblocking calls take it too (queued as usual).
 
+def _engine_of(process_set):
+    """The engine of ``process_set``'s communicator for a short path (the main one without a lookup)."""
+    eng = _engine.engine
+    if process_set is not None or eng.comm is None or eng.comm is not runtime._state.comm:
+        eng = engine_for(resolve(process_set)[1])
+    return eng
+
+
+def _keep(eng, key, plan):
+    """Keep ``plan`` for the calls like this one (at most about a thousand per communicator)."""
+    if len(eng.plans) > 1024:
+        eng.plans.clear()
+    eng.plans[key] = plan
+
+
 def _plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace):
     """What a plan depends on: the call's fields, the piece size and the ring's threshold, and the
     topology and its hierarchical crossover (``tune.hierarchical()`` moves it: a plan made before
@@ -234,11 +249,9 @@ def _keep_plan(eng, key, signature, x, op, prescale_factor, postscale_factor, in
     if (prescale_factor != 1.0 or x.dtype in HALF or not 0 < x.size <= count or path not in ("MPI", "MPI, in place")
             or uses_ring(flat(x), eng.comm.Get_size(), op.ufunc)):
         return
-    if len(eng.plans) > 1024:
-        eng.plans.clear()
     carrier = check.Carrier(eng, x.dtype, x.shape) if _carries(eng.comm, path, x.dtype, x.nbytes) else None
-    eng.plans[key] = (signature, check.fingerprint(signature), mpi_type(x.dtype), mop,
-                      x.nbytes >= _buffers.RECYCLE_BYTES, carrier, post, postscale_factor if op is Average else None)
+    _keep(eng, key, (signature, check.fingerprint(signature), mpi_type(x.dtype), mop,
+                      x.nbytes >= _buffers.RECYCLE_BYTES, carrier, post, postscale_factor if op is Average else None))
 
 
 def _reduce(comm, path, send, recv, mop, ufunc, factor, seq):
@@ -263,11 +276,8 @@ def _allreduce_core(x, op, name, prescale_factor, postscale_factor, process_set,
     # a host array: through its cached plan, if the general path below kept one
     if type(prescale_factor) is not float or type(postscale_factor) is not float:  # (a Decimal equals a float key)
         _arguments("allreduce", name, prescale_factor, postscale_factor)
-    eng = _engine.engine
+    eng = _engine_of(process_set)
     comm = eng.comm
-    if process_set is not None or comm is None or comm is not runtime._state.comm:
-        _, comm = resolve(process_set)
-        eng = engine_for(comm)
     try:
         plan = eng.plans.get(_plan_key(comm, x, op, name, prescale_factor, postscale_factor, inplace))
     except TypeError:  # an unhashable argument: the general path says what is wrong with it
@@ -535,9 +545,7 @@ def _grouped_core(tensors, op, name, prescale_factor, postscale_factor, process_
             ("piece bytes", _buffers.piece_bytes()))
         plan.fingerprint = check.fingerprint(plan.signature)
         if key is not None:
-            if len(eng.plans) > 1024:
-                eng.plans.clear()
-            eng.plans[key] = plan
+            _keep(eng, key, plan)
     post, ufunc = plan.post, as_op(op).ufunc
 
     def body(joined):
@@ -594,13 +602,9 @@ def grouped_allreduce_async(tensors, op=Average, name=None, prescale_factor=1.0,
 
 def _allgather_core(x, name, process_set, blocking):
     if type(x) is numpy.ndarray and not timeline.enabled():  # a host array: through its plan, if one was kept
-        eng = _engine.engine
-        comm = eng.comm
-        if process_set is not None or comm is None or comm is not runtime._state.comm:
-            comm = resolve(process_set)[1]
-            eng = engine_for(comm)
+        eng = _engine_of(process_set)
         try:
-            plan = eng.plans.get(_allgather_key(comm, x, name))
+            plan = eng.plans.get(_allgather_key(eng.comm, x, name))
         except TypeError:  # an unhashable name: the general path says what is wrong with it
             plan = None
         if plan is not None:
@@ -699,10 +703,8 @@ def _allgather_general(x, name, process_set, blocking):
         carry[:8].view(numpy.int64)[0] = rows if fits else -1 - rows  # negative: the rows did not fit
     if key is not None:  # the next call like this one takes the short path (its own carry, filled in its job)
         try:
-            if len(eng.plans) > 1024:
-                eng.plans.clear()
-            eng.plans[key] = (signature, check.fingerprint(signature), None if carry is None else carry.copy(), topo,
-                              start, tail, x.dtype, rows, given)
+            _keep(eng, key, (signature, check.fingerprint(signature), None if carry is None else carry.copy(), topo,
+                             start, tail, x.dtype, rows, given))
         except TypeError:  # an unhashable name: left to the check's own message
             pass
     if carry is not None and fits and x.nbytes:
@@ -736,9 +738,7 @@ def allgather_async(x, name=None, process_set=None):
 def _broadcast_core(x, root_rank, name, process_set, inplace, blocking):
     # a host array and an int root (1.0 would find the plan of 1): through its plan, if one was kept
     if type(x) is numpy.ndarray and type(root_rank) is int and not timeline.enabled():
-        eng = _engine.engine
-        if process_set is not None or eng.comm is None or eng.comm is not runtime._state.comm:
-            eng = engine_for(resolve(process_set)[1])
+        eng = _engine_of(process_set)
         try:
             plan = eng.plans.get(("broadcast", x.dtype, x.shape, root_rank, name, inplace))
         except TypeError:  # an unhashable argument: the general path says what is wrong with it
@@ -813,11 +813,9 @@ def _broadcast_general(x, root_rank, name, process_set, inplace, blocking):
         carry = _on_host(flat(buf.host)).view(numpy.uint8) if comm.Get_rank() == root else _NOTHING
     if type(x) is numpy.ndarray:  # the next call like this one takes the short path
         try:
-            key = ("broadcast", x.dtype, x.shape, root_rank, given, inplace)
-            if len(eng.plans) > 1024:
-                eng.plans.clear()
-            eng.plans[key] = (signature, check.fingerprint(signature), root,
-                              None if carry is None else check.Carrier(eng, x.dtype, x.shape), given)
+            _keep(eng, ("broadcast", x.dtype, x.shape, root_rank, given, inplace),
+                  (signature, check.fingerprint(signature), root,
+                   None if carry is None else check.Carrier(eng, x.dtype, x.shape), given))
         except TypeError:  # an unhashable name: left to the check's own message
             pass
 
