@@ -623,17 +623,7 @@ def _allgather_short(eng, plan, x, blocking):
     seq = eng.started()
     what = plan[-1] or f"allgather.{seq}"
     send = numpy.ascontiguousarray(x).reshape(-1)
-    if blocking:  # run it right here when the engine is free: no closures
-        outer = eng.claim(what, seq)
-        if outer is not _engine._BUSY:
-            try:
-                return _allgather_planned(eng, plan, send, what, seq)
-            finally:
-                eng.unclaim(outer)
-    run = functools.partial(_allgather_planned, eng, plan, send, what, seq)
-    if not blocking:
-        return eng.submit(run, what, seq)
-    return eng.run(run, what, seq)
+    return _run_planned(eng, blocking, what, seq, _allgather_planned, eng, plan, send, what, seq)
 
 
 def _allgather_planned(eng, plan, send, what, seq):
@@ -758,23 +748,26 @@ def _broadcast_short(eng, plan, x, inplace, blocking):
         work = _copy(numpy, x)
     else:  # every byte is the root's once it has run
         work = empty_result(numpy, x.shape, x.dtype)
-    if blocking:  # run it right here when the engine is free: no closures
+    return _run_planned(eng, blocking, what, seq, _broadcast_planned, eng, plan, work, what, seq)
+
+
+def _run_planned(eng, blocking, what, seq, job, *args):
+    """``job(*args)`` of a planned collective: right here when blocking and the engine is free (no
+    closures), else in order behind the queue (a handle where not blocking)."""
+    if blocking:
         outer = eng.claim(what, seq)
         if outer is not _engine._BUSY:
             try:
-                _broadcast_planned(eng, plan, work, what, seq)
+                return job(*args)
             finally:
                 eng.unclaim(outer)
-            return work
-    run = functools.partial(_broadcast_planned, eng, plan, work, what, seq)
-    if not blocking:
-        return eng.submit(run, what, seq, lambda _: work)
-    eng.run(run, what, seq)
-    return work
+    run = functools.partial(job, *args)
+    return eng.run(run, what, seq) if blocking else eng.submit(run, what, seq)
 
 
 def _broadcast_planned(eng, plan, work, what, seq):
-    """Run a broadcast through its plan as a job of ``eng``, into ``work`` (C-contiguous host memory)."""
+    """Run a broadcast through its plan as a job of ``eng``, into ``work`` (C-contiguous host memory);
+    returns ``work``."""
     signature, fingerprint, root, carrier, _ = plan
     comm, carried = eng.comm, False
     if check._enabled:
@@ -791,6 +784,7 @@ def _broadcast_planned(eng, plan, work, what, seq):
             work[...] = carrier.rows[root]
     except BaseException as exc:
         _fatal.after_agreement(comm, f"broadcast of tensor {what!r}", exc)
+    return work
 
 
 def _broadcast_general(x, root_rank, name, process_set, inplace, blocking):
